@@ -1,0 +1,14 @@
+"""cdkernels: fused kernels for convection–diffusion residual networks.
+
+One residual block is one Euler–Maruyama step ``x + dt*F(x) + sigma*sqrt(dt)*eps``; the noise
+is generated inside the kernels from a documented Philox stream (docs/noise.md) and regenerated
+in backward instead of being stored.
+"""
+from .backends import backends, get_backend, use_backend
+from .cd_step import cd_step
+from .noise import normal, philox_words, uniform
+
+__version__ = "0.1.0"
+
+__all__ = ["cd_step", "normal", "uniform", "philox_words", "backends", "use_backend",
+           "get_backend", "__version__"]

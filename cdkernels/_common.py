@@ -1,0 +1,175 @@
+"""Argument checks, memory layout and seeds shared by the ops."""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple, Union
+
+import torch
+
+Tensor = torch.Tensor
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_U64 = 1 << 64
+# Odd constant (2^64 / golden ratio) that spreads process-group ranks over the seed space.
+_RANK_MIX = 0x9E3779B97F4A7C15
+
+
+# -- checks --------------------------------------------------------------------------------------
+
+def check_float_tensor(t, name: str) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{name} must be a floating-point tensor (float32, float16, bfloat16 or "
+                        f"float64), got {t.dtype}")
+
+
+def check_same(x: Tensor, other: Tensor, xname: str, name: str) -> None:
+    if other.shape != x.shape:
+        raise ValueError(f"{name} must have the shape of {xname} {tuple(x.shape)}, "
+                         f"got {tuple(other.shape)}")
+    if other.device != x.device:
+        raise ValueError(f"{name} is on {other.device} but {xname} is on {x.device}")
+    if other.dtype != x.dtype:
+        raise TypeError(f"{name} has dtype {other.dtype} but {xname} has {x.dtype}")
+
+
+def check_nonneg_number(v, name: str) -> float:
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise TypeError(f"{name} must be a number, got {type(v).__name__}")
+    v = float(v)
+    if not math.isfinite(v) or v < 0:
+        raise ValueError(f"{name} must be finite and >= 0, got {v}")
+    return v
+
+
+def sigma_args(sigma, x: Tensor) -> Tuple[float, Optional[Tensor]]:
+    """(sigma_value, sigma_tensor). A tensor sigma is 0-d/1-element (scalar) or has x.shape[1]
+    elements (one per channel). Its sign is not checked (that would need a device sync); the
+    noise is symmetric, so -sigma and sigma draw from the same distribution."""
+    if isinstance(sigma, torch.Tensor):
+        check_float_tensor(sigma, "sigma")
+        if sigma.device != x.device:
+            raise ValueError(f"sigma is on {sigma.device} but x is on {x.device}")
+        if sigma.numel() != 1:
+            C = x.shape[1] if x.dim() >= 2 else None
+            if sigma.dim() != 1 or C is None or sigma.numel() != C:
+                raise ValueError(
+                    "sigma must be a float, a 1-element tensor or a 1-D tensor with one value per "
+                    f"channel (x.shape[1] = {C}); got shape {tuple(sigma.shape)} for x of shape "
+                    f"{tuple(x.shape)}")
+        return 0.0, sigma
+    return check_nonneg_number(sigma, "sigma"), None
+
+
+def check_activation(activation, allowed) -> str:
+    a = "none" if activation is None else activation
+    if not isinstance(a, str) or a.lower() not in allowed:
+        raise ValueError(f"activation={activation!r} is not supported; choose one of "
+                         f"{', '.join(repr(v) for v in allowed)}"
+                         + (" or None" if "none" in allowed else ""))
+    return a.lower()
+
+
+# -- layout --------------------------------------------------------------------------------------
+
+def is_dense(t: Tensor) -> bool:
+    """True if t's elements fill a gap-free, non-overlapping block of memory (any dim order)."""
+    dims = sorted((s, n) for n, s in zip(t.shape, t.stride()) if n != 1)
+    expected = 1
+    for s, n in dims:
+        if s != expected:
+            return False
+        expected *= n
+    return True
+
+
+def like(t: Tensor, ref: Tensor) -> Tensor:
+    """t with ref's strides (a copy only when they differ); ref must be dense."""
+    if t.stride() == ref.stride() or t.numel() <= 1:
+        return t
+    out = torch.empty_like(ref, dtype=t.dtype)
+    out.copy_(t)
+    return out
+
+
+def dense_input(x: Tensor) -> Tensor:
+    """x itself when dense, else a copy laid out like ``torch.empty_like(x)``."""
+    if is_dense(x):
+        return x
+    out = torch.empty_like(x)
+    out.copy_(x)
+    return out
+
+
+def flat(t: Tensor) -> Tensor:
+    """The 1-D view of a dense tensor's memory (memory order)."""
+    return t.as_strided((t.numel(),), (1,))
+
+
+def channel_map(x: Tensor, sigma: Optional[Tensor]) -> Tuple[int, int]:
+    """(C, chan_stride) with channel(p) = (p // chan_stride) % C for dense x (docs/noise.md)."""
+    if sigma is None or sigma.numel() == 1:
+        return 1, 1
+    C = x.shape[1]
+    return C, max(int(x.stride(1)), 1)
+
+
+def sigma_for_kernel(sigma: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
+    """sigma as the flat contiguous float32 tensor kernels read (float64 for float64 data,
+    which only the reference backend handles)."""
+    if sigma is None:
+        return None
+    kd = torch.float64 if dtype == torch.float64 else torch.float32
+    return sigma.detach().reshape(-1).to(kd).contiguous()
+
+
+# -- seeds ---------------------------------------------------------------------------------------
+
+def _rank() -> int:
+    try:
+        import torch.distributed as dist
+        if dist.is_available() and dist.is_initialized():
+            return dist.get_rank()
+    except Exception:
+        pass
+    return 0
+
+
+def make_seed(seed: Union[None, int, Tensor], device: torch.device) -> Tensor:
+    """The int64 [1] seed tensor on ``device`` that kernels read.
+
+    None: drawn from the torch generator of ``device`` (so ``torch.manual_seed`` reproduces a
+    run, successive calls differ, and a CUDA graph replays with fresh seeds), mixed with the
+    process-group rank so DDP ranks get different noise. int in [0, 2^64): that exact key.
+    Tensor: an int64 tensor with one element on ``device``, used as given.
+    """
+    if seed is None:
+        s = torch.randint(-(1 << 63), (1 << 63) - 1, (1,), dtype=torch.int64, device=device)
+        r = _rank()
+        if r:
+            s = torch.bitwise_xor(s, _to_signed64(_RANK_MIX * r % _U64))
+        return s
+    if isinstance(seed, torch.Tensor):
+        if seed.dtype != torch.int64 or seed.numel() != 1:
+            raise ValueError(f"seed tensor must be int64 with one element, got {seed.dtype} "
+                             f"of shape {tuple(seed.shape)}")
+        if seed.device != device:
+            raise ValueError(f"seed tensor is on {seed.device} but the data is on {device}")
+        return seed.reshape(1)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be None, an int or an int64 tensor, got {type(seed).__name__}")
+    if not 0 <= seed < _U64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    return torch.full((1,), _to_signed64(seed), dtype=torch.int64, device=device)
+
+
+def _to_signed64(v: int) -> int:
+    return v - _U64 if v >= (1 << 63) else v
+
+
+def check_offset(offset, name: str = "offset") -> int:
+    if isinstance(offset, bool) or not isinstance(offset, int):
+        raise TypeError(f"{name} must be an int, got {type(offset).__name__}")
+    if not 0 <= offset < (1 << 63):
+        raise ValueError(f"{name} must be in [0, 2**63), got {offset}")
+    return offset

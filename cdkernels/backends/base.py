@@ -1,0 +1,100 @@
+"""The kernel interface every backend implements.
+
+The Python ops (``cdkernels/cd_step.py`` ...) validate arguments, allocate outputs, lay tensors
+out densely and then call these methods with **flat 1-D contiguous tensors**. A backend only
+computes; it never allocates user-visible outputs, never checks user input and never records
+autograd. The noise every method uses is the stream of ``docs/noise.md``.
+
+Shared argument conventions
+---------------------------
+seed        int64 tensor of shape [1] on the data's device: the Philox key (two's-complement bits).
+            Kernels read it from memory, never on the host, so CUDA-graph replays see new seeds.
+offset      int, the stream's block offset (64-bit, >= 0).
+sample      int, the counter's word 2 (32-bit, >= 0).
+sigma       float32 contiguous tensor of shape [C] (per channel; C = 1 for a learnable scalar),
+            or None, in which case ``sigma_value`` (a Python float) is used for every element.
+C, chan_stride
+            element at flat position p uses sigma[(p // chan_stride) % C].
+act         activation name: cd_step: "none" | "relu";
+            cd_smooth: "relu" | "gelu" (exact, erf) | "tanh" | "sigmoid" | "softplus" (beta 1,
+            computed stably as max(z,0) + log1p(exp(-|z|))).
+grad_sigma  float32 tensor of shape [C], zero-filled by the caller; the kernel *adds* its
+            per-channel sums into it (the caller applies any constant scale).
+Data tensors are float32, float16 or bfloat16 (all of one call share a dtype); arithmetic is
+float32; stores round to nearest even.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+Tensor = torch.Tensor
+
+
+class Backend:
+    name: str = "?"
+
+    # -- availability -------------------------------------------------------------------------
+    def availability(self) -> Tuple[bool, str]:
+        """(available, reason). The reason says why not, or what was found."""
+        raise NotImplementedError
+
+    def supports(self, device: torch.device) -> bool:
+        """Whether this backend can run on tensors of ``device``."""
+        raise NotImplementedError
+
+    # -- noise stream -------------------------------------------------------------------------
+    def philox_words(self, out: Tensor, seed: Tensor, offset: int, sample: int) -> None:
+        """out: int32 [4*nb]; out[4*i + j] = word j of block (offset + i), as int32 bits."""
+        raise NotImplementedError
+
+    def uniform(self, out: Tensor, seed: Tensor, offset: int, sample: int) -> None:
+        """out: float32 [n]; out[e] = U(word e%4 of block offset + e//4)."""
+        raise NotImplementedError
+
+    def normal(self, out: Tensor, seed: Tensor, offset: int, sample: int) -> None:
+        """out: float32/float16/bfloat16 [n]; out[e] = normal lane e%4 of block offset + e//4."""
+        raise NotImplementedError
+
+    # -- cd_step: y = act(x + dt*f + s*sqrt(dt)*eps[p]) -----------------------------------------
+    def cd_step_fwd(self, x: Tensor, f: Tensor, y: Tensor, dt: float, sigma: Optional[Tensor],
+                    sigma_value: float, C: int, chan_stride: int, seed: Tensor, offset: int,
+                    act: str) -> None:
+        raise NotImplementedError
+
+    def cd_step_bwd(self, grad_y: Tensor, y: Optional[Tensor], grad_x: Optional[Tensor],
+                    grad_f: Optional[Tensor], grad_sigma: Optional[Tensor], dt: float,
+                    sigma: Optional[Tensor], sigma_value: float, C: int, chan_stride: int,
+                    seed: Tensor, offset: int, act: str) -> None:
+        """gz = grad_y * (y > 0 if act == "relu" else 1)  (y is None when act == "none").
+        grad_x = gz (if not None); grad_f = dt * gz (if not None);
+        grad_sigma[c] += sum over elements of channel c of gz * eps[p]  (no sqrt(dt) factor)."""
+        raise NotImplementedError
+
+    # -- cd_smooth: y = (1/K) sum_k act(x + s*eps_k[p]), eps_k = stream (seed, offset, k) ---------
+    def cd_smooth_fwd(self, x: Tensor, y: Tensor, sigma: Optional[Tensor], sigma_value: float,
+                      C: int, chan_stride: int, samples: int, seed: Tensor, offset: int,
+                      act: str) -> None:
+        raise NotImplementedError
+
+    def cd_smooth_bwd(self, grad_y: Tensor, x: Tensor, grad_x: Tensor,
+                      grad_sigma: Optional[Tensor], sigma: Optional[Tensor], sigma_value: float,
+                      C: int, chan_stride: int, samples: int, seed: Tensor, offset: int,
+                      act: str) -> None:
+        """grad_x = g * (1/K) sum_k act'(z_k);
+        grad_sigma[c] += sum over channel c of g * (1/K) sum_k act'(z_k) * eps_k[p]."""
+        raise NotImplementedError
+
+    # -- ensemble_mean over K replicas ---------------------------------------------------------
+    def ensemble_mean_fwd(self, inp: Tensor, out: Tensor, space: str) -> None:
+        """inp: [K, B, C] contiguous; out: [B, C] contiguous, same dtype.
+        prob:    out = (1/K) sum_k softmax(inp[k])
+        logit:   out = (1/K) sum_k inp[k]
+        logprob: out = log((1/K) sum_k softmax(inp[k])), computed stably (log-sum-exp)."""
+        raise NotImplementedError
+
+    def ensemble_mean_bwd(self, grad_out: Tensor, inp: Tensor, out: Tensor, grad_in: Tensor,
+                          space: str) -> None:
+        """grad_in [K, B, C] = d(sum grad_out * out) / d inp; float32 accumulation."""
+        raise NotImplementedError

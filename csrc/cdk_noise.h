@@ -1,0 +1,135 @@
+// cdk_noise.h -- the cdkernels noise stream (docs/noise.md), written once for C++ and CUDA.
+//
+// Everything here is header-only, branch-free and uses only float32 arithmetic on the hot path,
+// so the same code compiles for the host (where GCC auto-vectorises it) and for the device.
+// The polynomial log/sin/cos below are accurate to about 1 ulp on the ranges the spec uses;
+// we ship our own instead of calling libm so that CPU (vectorised) and GPU give the same
+// numbers, and so the CPU loop vectorises without libmvec.
+#pragma once
+#include <stdint.h>
+
+#if defined(__CUDACC__)
+#define CDK_HD __host__ __device__ __forceinline__
+#else
+#define CDK_HD inline __attribute__((always_inline))
+#endif
+
+namespace cdk {
+
+struct Words4 { uint32_t w0, w1, w2, w3; };
+struct Normals4 { float n0, n1, n2, n3; };
+
+CDK_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
+  return (uint32_t)(((uint64_t)a * (uint64_t)b) >> 32);
+}
+
+// Philox4x32-10 on counter (c0,c1,c2,c3) with key (k0,k1).
+CDK_HD Words4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                            uint32_t k0, uint32_t k1) {
+  const uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u;
+  const uint32_t W0 = 0x9E3779B9u, W1 = 0xBB67AE85u;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    const uint32_t hi0 = mulhi32(M0, c0), lo0 = M0 * c0;
+    const uint32_t hi1 = mulhi32(M1, c2), lo1 = M1 * c2;
+    const uint32_t n0 = hi1 ^ c1 ^ k0;
+    const uint32_t n2 = hi0 ^ c3 ^ k1;
+    c0 = n0; c1 = lo1; c2 = n2; c3 = lo0;
+    k0 += W0; k1 += W1;
+  }
+  return Words4{c0, c1, c2, c3};
+}
+
+// The words of block `block` (64-bit) of stream (seed, sample).
+CDK_HD Words4 stream_words(uint64_t seed, uint64_t block, uint32_t sample) {
+  return philox4x32_10((uint32_t)block, (uint32_t)(block >> 32), sample, 0u,
+                       (uint32_t)seed, (uint32_t)(seed >> 32));
+}
+
+// U(w) = (2*(w>>9)+1) * 2^-24: odd multiples of 2^-24, exact in float32.
+CDK_HD float word_to_uniform(uint32_t w) {
+  return (float)((int32_t)(((w >> 9) << 1) | 1u)) * 5.9604644775390625e-08f;  // 2^-24
+}
+
+// Natural log for x in [2^-24, 1], about 1 ulp. x = m * 2^e with m in [sqrt(1/2), sqrt(2)),
+// log(m) = 2 atanh(s), s = (m-1)/(m+1). m-1 is exact, so the result stays accurate near x=1.
+CDK_HD float log_unit(float x) {
+  uint32_t bits;
+#if defined(__CUDACC__) && defined(__CUDA_ARCH__)
+  bits = __float_as_uint(x);
+#else
+  __builtin_memcpy(&bits, &x, 4);
+#endif
+  // Shift the mantissa into [sqrt(1/2), sqrt(2)): add (1 - sqrt(1/2)) in mantissa units.
+  const uint32_t adj = bits + (0x3f800000u - 0x3f3504f3u);
+  const int32_t e = (int32_t)(adj >> 23) - 127;
+  const uint32_t mbits = (adj & 0x007fffffu) + 0x3f3504f3u;
+  float m;
+#if defined(__CUDACC__) && defined(__CUDA_ARCH__)
+  m = __uint_as_float(mbits);
+#else
+  __builtin_memcpy(&m, &mbits, 4);
+#endif
+  const float f = m - 1.0f;
+  const float s = f / (2.0f + f);
+  const float z = s * s;
+  const float w = z * z;
+  // fdlibm logf's polynomial for (log(m) - f + f^2/2)/s, split into odd/even parts for ILP.
+  const float t1 = w * (4.0000000596e-01f + w * (2.2222198546e-01f + w * 1.5313838422e-01f));
+  const float t2 = z * (6.6666668653e-01f + w * (2.8571429849e-01f +
+                                                  w * (1.8183572590e-01f + w * 1.4798198640e-01f)));
+  const float R = t1 + t2;
+  const float hfsq = 0.5f * f * f;
+  const float ef = (float)e;
+  return ef * 6.9313812256e-01f - ((hfsq - (s * (hfsq + R) + ef * 9.0580006145e-06f)) - f);
+}
+
+// sin and cos of x for |x| <= pi/4 (cephes sinf/cosf minimax polynomials), about 1 ulp.
+CDK_HD float sin_small(float x) {
+  const float z = x * x;
+  return x + x * z * (-1.6666654611e-1f + z * (8.3321608736e-3f + z * -1.9515295891e-4f));
+}
+CDK_HD float cos_small(float x) {
+  const float z = x * x;
+  return 1.0f - 0.5f * z +
+         z * z * (4.166664568298827e-2f + z * (-1.388731625493765e-3f + z * 2.443315711809948e-5f));
+}
+
+// Box-Muller of one word pair: (r cos 2pi U(wb), r sin 2pi U(wb)), r = sqrt(-2 ln U(wa)).
+CDK_HD void box_muller(uint32_t wa, uint32_t wb, float* out_cos, float* out_sin) {
+  const float ua = word_to_uniform(wa);
+  const float ub = word_to_uniform(wb);
+#if defined(__CUDACC__) && defined(__CUDA_ARCH__)
+  const float r = sqrtf(-2.0f * log_unit(ua));
+#else
+  const float r = __builtin_sqrtf(-2.0f * log_unit(ua));
+#endif
+  // Quarter-turn reduction (exact): q = round(4u) in 0..4, t = u - q/4 in [-1/8, 1/8].
+  const int32_t q = (int32_t)(4.0f * ub + 0.5f);
+  const float t = ub - 0.25f * (float)q;
+  const float x = 6.28318530717958647692f * t;
+  const float s = sin_small(x), c = cos_small(x);
+  const int32_t qm = q & 3;
+  // rotate (c, s) by qm quarter turns: 0:(c,s) 1:(-s,c) 2:(-c,-s) 3:(s,-c)
+  const float cr = (qm == 0) ? c : (qm == 1) ? -s : (qm == 2) ? -c : s;
+  const float sr = (qm == 0) ? s : (qm == 1) ? c : (qm == 2) ? -s : -c;
+  *out_cos = r * cr;
+  *out_sin = r * sr;
+}
+
+CDK_HD Normals4 words_to_normals(Words4 w) {
+  Normals4 n;
+  box_muller(w.w0, w.w1, &n.n0, &n.n1);
+  box_muller(w.w2, w.w3, &n.n2, &n.n3);
+  return n;
+}
+
+// The four normals of block `block` of stream (seed, sample): stream elements 4*b .. 4*b+3
+// (relative to the stream's offset).
+CDK_HD Normals4 stream_normals(uint64_t seed, uint64_t block, uint32_t sample) {
+  return words_to_normals(stream_words(seed, block, sample));
+}
+
+}  // namespace cdk
