@@ -5,10 +5,13 @@ is generated inside the kernels from a documented Philox stream (docs/noise.md) 
 in backward instead of being stored.
 """
 from .backends import backends, get_backend, use_backend
+from .cd_smooth import cd_smooth
 from .cd_step import cd_step
+from .ensemble_mean import ensemble_mean
 from .noise import normal, philox_words, uniform
+from . import nn  # noqa: E402  (cdkernels.nn.CDStep, MonteCarlo)
 
 __version__ = "0.1.0"
 
-__all__ = ["cd_step", "normal", "uniform", "philox_words", "backends", "use_backend",
+__all__ = ["cd_step", "cd_smooth", "ensemble_mean", "normal", "uniform", "philox_words", "backends", "use_backend",
            "get_backend", "__version__"]

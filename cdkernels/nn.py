@@ -66,3 +66,83 @@ def set_noise_in_eval(model: nn.Module, enabled: bool = True) -> nn.Module:
         if hasattr(m, "noise_in_eval"):
             m.noise_in_eval = bool(enabled)
     return model
+
+
+class _NoiseOn:
+    """Context manager: every cdkernels module of ``model`` keeps its noise on in eval mode."""
+
+    def __init__(self, model: nn.Module):
+        self.mods = [m for m in model.modules() if hasattr(m, "noise_in_eval")]
+
+    def __enter__(self):
+        self.saved = [m.noise_in_eval for m in self.mods]
+        for m in self.mods:
+            m.noise_in_eval = True
+
+    def __exit__(self, *exc):
+        for m, v in zip(self.mods, self.saved):
+            m.noise_in_eval = v
+
+
+class MonteCarlo(nn.Module):
+    """Monte-Carlo inference: the average of ``model`` over ``samples`` noise realisations.
+
+    Each input of the batch is replicated K times (``x.repeat``), the model runs with its noise
+    on (also in eval mode) on chunks of at most ``chunk`` replicas (bounding activation memory to
+    chunk*B inputs), and the K predictions are averaged with :func:`cdkernels.ensemble_mean` in
+    ``space`` ("prob", "logit" or "logprob"). Works in train and eval mode, under
+    ``torch.no_grad`` and with gradients (an attack differentiates through it).
+    """
+
+    def __init__(self, model: nn.Module, samples: int = 8, space: str = "prob",
+                 chunk: Optional[int] = None):
+        super().__init__()
+        from .ensemble_mean import SPACES
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 1:
+            raise ValueError(f"samples must be an int >= 1, got {samples!r}")
+        if space not in SPACES:
+            raise ValueError(f"space={space!r} must be one of {', '.join(map(repr, SPACES))}")
+        if chunk is not None and (isinstance(chunk, bool) or not isinstance(chunk, int)
+                                  or chunk < 1):
+            raise ValueError(f"chunk must be None or an int >= 1, got {chunk!r}")
+        self.model, self.samples, self.space = model, samples, space
+        self.chunk = samples if chunk is None else min(chunk, samples)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from .ensemble_mean import ensemble_mean
+        outs = []
+        with _NoiseOn(self.model):
+            done = 0
+            while done < self.samples:
+                c = min(self.chunk, self.samples - done)
+                outs.append(self.model(x.repeat(c, *([1] * (x.dim() - 1)))))
+                done += c
+        out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
+        return ensemble_mean(out, replicas=self.samples, space=self.space)
+
+    @torch.no_grad()
+    def evaluate(self, loader, device=None, progress: bool = True, desc: str = "MC eval"):
+        """Accuracy and mean NLL of the averaged prediction over ``loader`` (an iterable of
+        (inputs, labels)), with a tqdm progress bar."""
+        from tqdm.auto import tqdm
+        correct, nll, n = 0, 0.0, 0
+        try:
+            total = len(loader)
+        except TypeError:
+            total = None
+        for xb, yb in tqdm(loader, total=total, desc=f"{desc} (K={self.samples})",
+                           disable=not progress, leave=False):
+            if device is not None:
+                xb, yb = xb.to(device), yb.to(device)
+            p = self(xb).float()
+            logp = p if self.space == "logprob" else (
+                torch.log(p.clamp_min(1e-30)) if self.space == "prob"
+                else torch.log_softmax(p, -1))
+            correct += (logp.argmax(-1) == yb).sum().item()
+            nll += -logp.gather(1, yb[:, None]).sum().item()
+            n += yb.numel()
+        return {"accuracy": correct / max(n, 1), "nll": nll / max(n, 1), "n": n,
+                "samples": self.samples}
+
+    def extra_repr(self) -> str:
+        return f"samples={self.samples}, space={self.space!r}, chunk={self.chunk}"

@@ -96,5 +96,7 @@ class Backend:
 
     def ensemble_mean_bwd(self, grad_out: Tensor, inp: Tensor, out: Tensor, grad_in: Tensor,
                           space: str) -> None:
-        """grad_in [K, B, C] = d(sum grad_out * out) / d inp; float32 accumulation."""
+        """grad_in [K, B, C] = d(sum grad_out * out) / d inp; float32 accumulation.
+        For 16-bit inputs ``out`` is rounded to 16 bits: logprob must recompute log(mean p) in
+        float32 rather than use it (10 % gradient errors otherwise)."""
         raise NotImplementedError

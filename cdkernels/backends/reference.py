@@ -240,7 +240,10 @@ class ReferenceBackend(Backend):
         if space == "prob":
             gi = p * (g - (g * p).sum(-1, keepdim=True)) / K
         elif space == "logprob":
-            q = g * torch.exp(z - lse - out.to(cdt).unsqueeze(0))
+            # a 16-bit `out` is rounded: recompute log(mean p) in the compute dtype instead
+            out_c = out.to(cdt) if out.dtype == cdt else (
+                torch.logsumexp(z - lse, dim=0) - math.log(K))
+            q = g * torch.exp(z - lse - out_c.unsqueeze(0))
             gi = (q - p * q.sum(-1, keepdim=True)) / K
         else:
             raise ValueError(f"unknown space {space!r}")

@@ -1,0 +1,508 @@
+"""Triton backend: fused kernels with the in-kernel Philox noise of docs/noise.md.
+
+Runs on CUDA tensors (compiled) and, with ``TRITON_INTERPRET=1`` set *before* this module is
+imported, on CPU tensors through Triton's interpreter (slow; used by the tests on CPU-only
+machines). Importing this module never raises; without Triton ``availability()`` says why.
+
+Layout of the elementwise kernels
+---------------------------------
+A program owns ``BLOCK`` consecutive Philox blocks, i.e. the ``4*BLOCK`` consecutive elements
+``[pid*4*BLOCK, (pid+1)*4*BLOCK)``. It computes the block indices ``b = offset + i`` (int64), the
+four normals of each block as four [BLOCK] vectors, and arranges them as a [BLOCK, 4] tile whose
+row ``i`` holds elements ``4*i .. 4*i+3`` (``triton_noise.lanes_to_tile``). Data is loaded and
+stored as that contiguous tile, so on GPU each thread moves 4 consecutive elements (16-byte
+vectors for fp32) and the Philox work is done once per 4 elements. All index math is int64.
+
+Per-channel sigma / grad_sigma (element p -> channel (p // chan_stride) % C) uses one of three
+compile-time strategies (``_chan_mode``):
+  1  C == 1: sigma[0]; grad_sigma reduced with tl.sum, one atomic per program.
+  2  chan_stride >= 4*BLOCK (e.g. contiguous NCHW with H*W >= tile): a tile spans at most two
+     channel runs, so no per-element division; two tl.sum and two atomics per program.
+  3  otherwise (e.g. channels_last, chan_stride == 1): per-element int64 div/mod, gathered sigma,
+     and one fp32 atomic per element for grad_sigma. Correct but slow on GPU (atomic contention
+     on C addresses); see the report / TODO below.
+grad_sigma accumulation order is not deterministic on GPU (fp32 atomics).
+"""
+from __future__ import annotations
+
+import math
+import os
+from typing import Optional, Tuple
+
+import torch
+
+from .base import Backend, Tensor
+from .triton_noise import HAVE_TRITON, TRITON_IMPORT_ERROR
+
+# Whether triton.jit produced interpreted functions (it decides when the kernels are defined).
+_INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+BLOCK = 256  # Philox blocks per program -> 1024 elements per program
+NUM_WARPS = 4
+
+_ACT_CODES = {"none": 0, "relu": 1, "gelu": 2, "tanh": 3, "sigmoid": 4, "softplus": 5}
+_SPACE_CODES = {"logit": 0, "prob": 1, "logprob": 2}
+
+if HAVE_TRITON:
+    import triton
+    import triton.language as tl
+
+    from .triton_noise import (load_seed_key, log_unit, stream_normals_tile, stream_words,
+                               lanes_to_tile, to_store_dtype, word_to_uniform)
+
+    # ---------------------------------------------------------------------------------------
+    # shared helpers
+    # ---------------------------------------------------------------------------------------
+    @triton.jit
+    def _tile_index(offset, BLOCK: tl.constexpr):
+        """(b, e, start): block indices [BLOCK] (int64, offset included), element positions
+        [BLOCK, 4] (int64, relative to the stream start) and the tile's first element."""
+        pid = tl.program_id(0).to(tl.int64)
+        i = pid * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
+        e = 4 * i[:, None] + tl.arange(0, 4).to(tl.int64)[None, :]
+        b = tl.cast(offset, tl.int64) + i  # tl.cast, not .to: ints equal to 1 arrive as constexpr
+        return b, e, pid * (4 * BLOCK)
+
+    @triton.jit
+    def _sigma_tile(sigma_ptr, sigma_value, e, start, mask, C, chan_stride,
+                    HAS_SIGMA: tl.constexpr, CH_MODE: tl.constexpr):
+        """sigma of each element of the tile (float32)."""
+        if HAS_SIGMA:
+            if CH_MODE == 1:
+                s = tl.load(sigma_ptr).to(tl.float32) + tl.zeros(e.shape, dtype=tl.float32)
+            elif CH_MODE == 2:
+                run = start // chan_stride
+                s0 = tl.load(sigma_ptr + run % C).to(tl.float32)
+                s1 = tl.load(sigma_ptr + (run + 1) % C).to(tl.float32)
+                s = tl.where(e < (run + 1) * chan_stride, s0, s1)
+            else:
+                c = (e // chan_stride) % C
+                s = tl.load(sigma_ptr + c, mask=mask, other=0.0).to(tl.float32)
+        else:
+            s = tl.zeros(e.shape, dtype=tl.float32) + sigma_value
+        return s
+
+    @triton.jit
+    def _add_grad_sigma(gs_ptr, v, e, start, mask, C, chan_stride, CH_MODE: tl.constexpr):
+        """grad_sigma[(p // chan_stride) % C] += v[p] over the tile (v is 0 where masked)."""
+        v = tl.where(mask, v, 0.0)
+        if CH_MODE == 1:
+            tl.atomic_add(gs_ptr, tl.sum(tl.sum(v, axis=1), axis=0))
+        elif CH_MODE == 2:
+            run = start // chan_stride
+            first = e < (run + 1) * chan_stride
+            v0 = tl.sum(tl.sum(tl.where(first, v, 0.0), axis=1), axis=0)
+            v1 = tl.sum(tl.sum(tl.where(first, 0.0, v), axis=1), axis=0)
+            tl.atomic_add(gs_ptr + run % C, v0)
+            tl.atomic_add(gs_ptr + (run + 1) % C, v1)
+        else:
+            # TODO(perf): reduce in-tile per channel before the atomics (e.g. reshape to
+            # [rows, C] when C * chan_stride divides 4*BLOCK), instead of one atomic per element.
+            c = (e // chan_stride) % C
+            tl.atomic_add(gs_ptr + c, v, mask=mask)
+
+    @triton.jit
+    def _tanh(z):
+        a = tl.abs(z)
+        # |z| < 0.625: cephes tanhf polynomial (no cancellation); else 1 - 2/(exp(2|z|)+1).
+        q = z * z
+        small = z + z * q * ((((-5.70498872745e-3 * q + 2.06390887954e-2) * q - 5.37397155531e-2) * q
+                              + 1.33314422036e-1) * q - 3.33332819422e-1)
+        big = 1.0 - 2.0 / (tl.exp(2.0 * tl.minimum(a, 20.0)) + 1.0)  # tanh(20) == 1 in fp32
+        big = tl.where(z < 0, -big, big)
+        return tl.where(a < 0.625, small, big)
+
+    @triton.jit
+    def _sigmoid(z):
+        ez = tl.exp(-tl.abs(z))
+        d = 1.0 + ez
+        return tl.where(z >= 0, 1.0 / d, ez / d)
+
+    @triton.jit
+    def _log1p_unit(u):
+        """log1p(u) for u in [0, 1], accurate (Goldberg's trick on an accurate log)."""
+        w = 1.0 + u
+        d = w - 1.0  # exact
+        return tl.where(d == 0.0, u, log_unit(w) * (u / tl.where(d == 0.0, 1.0, d)))
+
+    @triton.jit
+    def _act_fwd(z, ACT: tl.constexpr):
+        if ACT == 0:
+            r = z
+        elif ACT == 1:
+            r = tl.maximum(z, 0.0)
+        elif ACT == 2:
+            r = 0.5 * z * (1.0 + tl.erf(z * 0.7071067811865476))
+        elif ACT == 3:
+            r = _tanh(z)
+        elif ACT == 4:
+            r = _sigmoid(z)
+        else:
+            r = tl.maximum(z, 0.0) + _log1p_unit(tl.exp(-tl.abs(z)))
+        return r
+
+    @triton.jit
+    def _act_grad(z, ACT: tl.constexpr):
+        if ACT == 0:
+            r = tl.full(z.shape, 1.0, tl.float32)
+        elif ACT == 1:
+            r = tl.where(z > 0, 1.0, 0.0)
+        elif ACT == 2:
+            cdf = 0.5 * (1.0 + tl.erf(z * 0.7071067811865476))
+            pdf = tl.exp(-0.5 * z * z) * 0.3989422804014327
+            r = cdf + z * pdf
+        elif ACT == 3:
+            t = _tanh(z)
+            r = 1.0 - t * t
+        elif ACT == 4:
+            s = _sigmoid(z)
+            r = s * (1.0 - s)
+        else:
+            r = _sigmoid(z)
+        return r
+
+    # ---------------------------------------------------------------------------------------
+    # noise stream
+    # ---------------------------------------------------------------------------------------
+    @triton.jit
+    def _words_kernel(out_ptr, seed_ptr, offset, sample, nb, BLOCK: tl.constexpr):
+        b, e, start = _tile_index(offset, BLOCK)
+        k0, k1 = load_seed_key(seed_ptr)
+        w0, w1, w2, w3 = stream_words(k0, k1, b, sample)
+        w = lanes_to_tile(w0, w1, w2, w3).to(tl.int32, bitcast=True)
+        tl.store(out_ptr + e, w, mask=e < 4 * nb)
+
+    @triton.jit
+    def _uniform_kernel(out_ptr, seed_ptr, offset, sample, n, BLOCK: tl.constexpr):
+        b, e, start = _tile_index(offset, BLOCK)
+        k0, k1 = load_seed_key(seed_ptr)
+        w0, w1, w2, w3 = stream_words(k0, k1, b, sample)
+        u = lanes_to_tile(word_to_uniform(w0), word_to_uniform(w1), word_to_uniform(w2),
+                          word_to_uniform(w3))
+        tl.store(out_ptr + e, u, mask=e < n)
+
+    @triton.jit
+    def _normal_kernel(out_ptr, seed_ptr, offset, sample, n, BLOCK: tl.constexpr):
+        b, e, start = _tile_index(offset, BLOCK)
+        k0, k1 = load_seed_key(seed_ptr)
+        eps = stream_normals_tile(k0, k1, b, sample)
+        tl.store(out_ptr + e, to_store_dtype(eps, out_ptr), mask=e < n)
+
+    # ---------------------------------------------------------------------------------------
+    # cd_step
+    # ---------------------------------------------------------------------------------------
+    @triton.jit
+    def _cd_step_fwd_kernel(x_ptr, f_ptr, y_ptr, n, dt, sqrt_dt, sigma_ptr, coef_value, C,
+                            chan_stride, seed_ptr, offset, HAS_SIGMA: tl.constexpr,
+                            CH_MODE: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):
+        b, e, start = _tile_index(offset, BLOCK)
+        mask = e < n
+        k0, k1 = load_seed_key(seed_ptr)
+        eps = stream_normals_tile(k0, k1, b, 0)
+        x = tl.load(x_ptr + e, mask=mask, other=0.0).to(tl.float32)
+        f = tl.load(f_ptr + e, mask=mask, other=0.0).to(tl.float32)
+        if HAS_SIGMA:
+            coef = _sigma_tile(sigma_ptr, 0.0, e, start, mask, C, chan_stride, True, CH_MODE) * sqrt_dt
+        else:
+            coef = coef_value  # sigma_value * sqrt(dt), formed on the host in float64
+        z = x + dt * f + coef * eps
+        if RELU:
+            z = tl.maximum(z, 0.0)
+        tl.store(y_ptr + e, to_store_dtype(z, y_ptr), mask=mask)
+
+    @triton.jit
+    def _cd_step_bwd_kernel(gy_ptr, y_ptr, gx_ptr, gf_ptr, gs_ptr, n, dt, C, chan_stride,
+                            seed_ptr, offset, RELU: tl.constexpr, HAS_GX: tl.constexpr,
+                            HAS_GF: tl.constexpr, HAS_GS: tl.constexpr, CH_MODE: tl.constexpr,
+                            BLOCK: tl.constexpr):
+        b, e, start = _tile_index(offset, BLOCK)
+        mask = e < n
+        gz = tl.load(gy_ptr + e, mask=mask, other=0.0).to(tl.float32)
+        if RELU:
+            y = tl.load(y_ptr + e, mask=mask, other=0.0).to(tl.float32)
+            gz = tl.where(y > 0, gz, 0.0)
+        if HAS_GX:
+            tl.store(gx_ptr + e, to_store_dtype(gz, gx_ptr), mask=mask)
+        if HAS_GF:
+            tl.store(gf_ptr + e, to_store_dtype(dt * gz, gf_ptr), mask=mask)
+        if HAS_GS:
+            k0, k1 = load_seed_key(seed_ptr)
+            eps = stream_normals_tile(k0, k1, b, 0)
+            _add_grad_sigma(gs_ptr, gz * eps, e, start, mask, C, chan_stride, CH_MODE)
+
+    # ---------------------------------------------------------------------------------------
+    # cd_smooth (K samples looped in the kernel: x read once, y written once)
+    # ---------------------------------------------------------------------------------------
+    @triton.jit
+    def _cd_smooth_fwd_kernel(x_ptr, y_ptr, n, sigma_ptr, sigma_value, C, chan_stride, K,
+                              seed_ptr, offset, HAS_SIGMA: tl.constexpr, CH_MODE: tl.constexpr,
+                              ACT: tl.constexpr, BLOCK: tl.constexpr):
+        b, e, start = _tile_index(offset, BLOCK)
+        mask = e < n
+        k0, k1 = load_seed_key(seed_ptr)
+        x = tl.load(x_ptr + e, mask=mask, other=0.0).to(tl.float32)
+        s = _sigma_tile(sigma_ptr, sigma_value, e, start, mask, C, chan_stride, HAS_SIGMA, CH_MODE)
+        acc = tl.zeros(e.shape, dtype=tl.float32)
+        for k in range(K):
+            eps = stream_normals_tile(k0, k1, b, k)
+            acc += _act_fwd(x + s * eps, ACT)
+        tl.store(y_ptr + e, to_store_dtype(acc / K, y_ptr), mask=mask)
+
+    @triton.jit
+    def _cd_smooth_bwd_kernel(gy_ptr, x_ptr, gx_ptr, gs_ptr, n, sigma_ptr, sigma_value, C,
+                              chan_stride, K, seed_ptr, offset, HAS_SIGMA: tl.constexpr,
+                              HAS_GS: tl.constexpr, CH_MODE: tl.constexpr, ACT: tl.constexpr,
+                              BLOCK: tl.constexpr):
+        b, e, start = _tile_index(offset, BLOCK)
+        mask = e < n
+        k0, k1 = load_seed_key(seed_ptr)
+        x = tl.load(x_ptr + e, mask=mask, other=0.0).to(tl.float32)
+        g = tl.load(gy_ptr + e, mask=mask, other=0.0).to(tl.float32)
+        s = _sigma_tile(sigma_ptr, sigma_value, e, start, mask, C, chan_stride, HAS_SIGMA, CH_MODE)
+        dx = tl.zeros(e.shape, dtype=tl.float32)
+        ds = tl.zeros(e.shape, dtype=tl.float32)
+        for k in range(K):
+            eps = stream_normals_tile(k0, k1, b, k)
+            d = _act_grad(x + s * eps, ACT)
+            dx += d
+            if HAS_GS:
+                ds += d * eps
+        tl.store(gx_ptr + e, to_store_dtype(g * dx / K, gx_ptr), mask=mask)
+        if HAS_GS:
+            _add_grad_sigma(gs_ptr, g * ds / K, e, start, mask, C, chan_stride, CH_MODE)
+
+    # ---------------------------------------------------------------------------------------
+    # ensemble_mean: one program per row b, loop over the K replicas, whole row in registers.
+    # ---------------------------------------------------------------------------------------
+    @triton.jit
+    def _softmax_row(z):
+        """(max, sum of exp(z - max), exp(z - max)) of a row with -inf on masked lanes."""
+        m = tl.max(z, axis=0)
+        ex = tl.exp(z - m)  # 0 on masked lanes
+        return m, tl.sum(ex, axis=0), ex
+
+    @triton.jit
+    def _logprob_row(base, BC, K, mask):
+        """log((1/K) sum_k softmax(z_k)) of one row (float32), as a running log-sum-exp over k
+        of the log-softmax values: never forms a probability that could underflow."""
+        acc = tl.zeros(mask.shape, dtype=tl.float32)
+        run_m = tl.full(mask.shape, -3.0e38, tl.float32)  # running max over k of log p_kc
+        for k in range(K):
+            z = tl.load(base + k * BC, mask=mask, other=float("-inf")).to(tl.float32)
+            m, ssum, ex = _softmax_row(z)
+            a = tl.where(mask, z - (m + log_unit(ssum)), 0.0)  # log softmax
+            m_new = tl.maximum(run_m, a)
+            acc = acc * tl.exp(run_m - m_new) + tl.exp(a - m_new)
+            run_m = m_new
+        # acc == 0: p_kc == 0 for every k (all inputs -inf) -> log 0 = -inf
+        return tl.where(acc > 0.0, run_m + log_unit(tl.where(acc > 0.0, acc, 1.0))
+                        - log_unit(tl.cast(K, tl.float32)), float("-inf"))
+
+    @triton.jit
+    def _ensemble_fwd_kernel(inp_ptr, out_ptr, K, B, C, SPACE: tl.constexpr,
+                             BLOCK_C: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_C)
+        mask = cols < C
+        BC = tl.cast(B, tl.int64) * C
+        base = inp_ptr + row * C + cols
+        if SPACE == 2:
+            r = _logprob_row(base, BC, K, mask)
+        else:
+            acc = tl.zeros([BLOCK_C], dtype=tl.float32)
+            for k in range(K):
+                z = tl.load(base + k * BC, mask=mask, other=float("-inf")).to(tl.float32)
+                if SPACE == 0:
+                    acc += tl.where(mask, z, 0.0)
+                else:
+                    m, ssum, ex = _softmax_row(z)
+                    acc += ex / ssum
+            r = acc / K
+        tl.store(out_ptr + row * C + cols, to_store_dtype(r, out_ptr), mask=mask)
+
+    @triton.jit
+    def _ensemble_bwd_kernel(gout_ptr, inp_ptr, out_ptr, gin_ptr, K, B, C, SPACE: tl.constexpr,
+                             RECOMPUTE_OUT: tl.constexpr, BLOCK_C: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK_C)
+        mask = cols < C
+        BC = tl.cast(B, tl.int64) * C
+        g = tl.load(gout_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+        if SPACE == 2:
+            if RECOMPUTE_OUT:
+                # 16-bit out: its rounding error would be amplified by the cancellation in
+                # q - p * sum(q); recompute it in float32 (one more read of the K rows).
+                o = _logprob_row(inp_ptr + row * C + cols, BC, K, mask)
+            else:
+                o = tl.load(out_ptr + row * C + cols, mask=mask, other=0.0).to(tl.float32)
+        for k in range(K):
+            off = k * BC + row * C + cols
+            if SPACE == 0:
+                gi = g / K
+            else:
+                z = tl.load(inp_ptr + off, mask=mask, other=float("-inf")).to(tl.float32)
+                m, ssum, ex = _softmax_row(z)
+                p = ex / ssum
+                if SPACE == 1:
+                    gi = p * (g - tl.sum(g * p, axis=0)) / K
+                else:
+                    lse = m + log_unit(ssum)
+                    q = tl.where(mask, g * tl.exp(z - lse - o), 0.0)
+                    gi = (q - p * tl.sum(q, axis=0)) / K
+            tl.store(gin_ptr + off, to_store_dtype(gi, gin_ptr), mask=mask)
+
+
+def _chan_mode(C: int, chan_stride: int) -> int:
+    if C == 1:
+        return 1
+    if chan_stride >= 4 * BLOCK:
+        return 2
+    return 3
+
+
+def _grid(n_elements: int):
+    return (triton.cdiv(n_elements, 4 * BLOCK),)
+
+
+def _check_offset(offset: int) -> int:
+    offset = int(offset)
+    if not 0 <= offset < 2 ** 63:
+        raise ValueError(f"triton backend: offset must be in [0, 2^63), got {offset}")
+    return offset
+
+
+class TritonBackend(Backend):
+    name = "triton"
+
+    # -- availability -------------------------------------------------------------------------
+    def availability(self) -> Tuple[bool, str]:
+        if not HAVE_TRITON:
+            return False, f"triton cannot be imported ({TRITON_IMPORT_ERROR})"
+        ver = getattr(triton, "__version__", "?")
+        if _INTERPRET_AT_IMPORT:
+            return True, (f"triton {ver} interpreter (TRITON_INTERPRET=1): runs on CPU tensors, "
+                          "slowly")
+        if torch.cuda.is_available():
+            return True, f"triton {ver} on CUDA ({torch.cuda.get_device_name()})"
+        if os.environ.get("TRITON_INTERPRET", "0") == "1":
+            return False, ("TRITON_INTERPRET=1 was set after cdkernels.backends.triton_backend "
+                           "was imported; set it before importing")
+        return False, (f"triton {ver}: no CUDA device, and CPU tensors need TRITON_INTERPRET=1 "
+                       "(set before import)")
+
+    def supports(self, device: torch.device) -> bool:
+        if not HAVE_TRITON:
+            return False
+        device = torch.device(device)
+        if device.type == "cuda":
+            return _INTERPRET_AT_IMPORT or torch.cuda.is_available()
+        if device.type == "cpu":
+            return _INTERPRET_AT_IMPORT
+        return False
+
+    # -- noise stream -------------------------------------------------------------------------
+    def philox_words(self, out, seed, offset, sample):
+        nb = out.numel() // 4
+        if nb == 0:
+            return
+        _words_kernel[_grid(4 * nb)](out, seed, _check_offset(offset), int(sample), nb,
+                                     BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+    def uniform(self, out, seed, offset, sample):
+        n = out.numel()
+        if n == 0:
+            return
+        _uniform_kernel[_grid(n)](out, seed, _check_offset(offset), int(sample), n,
+                                  BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+    def normal(self, out, seed, offset, sample):
+        n = out.numel()
+        if n == 0:
+            return
+        _normal_kernel[_grid(n)](out, seed, _check_offset(offset), int(sample), n,
+                                 BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+    # -- cd_step ------------------------------------------------------------------------------
+    def cd_step_fwd(self, x, f, y, dt, sigma, sigma_value, C, chan_stride, seed, offset, act):
+        n = x.numel()
+        if n == 0:
+            return
+        if act not in ("none", "relu"):
+            raise ValueError(f"cd_step: unknown activation {act!r}")
+        has_sigma = sigma is not None
+        coef_value = 0.0 if has_sigma else float(sigma_value) * math.sqrt(dt)
+        _cd_step_fwd_kernel[_grid(n)](
+            x, f, y, n, float(dt), math.sqrt(dt), sigma if has_sigma else x, coef_value,
+            int(C), int(chan_stride), seed, _check_offset(offset),
+            HAS_SIGMA=has_sigma, CH_MODE=_chan_mode(int(C), int(chan_stride)),
+            RELU=(act == "relu"), BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+    def cd_step_bwd(self, grad_y, y, grad_x, grad_f, grad_sigma, dt, sigma, sigma_value, C,
+                    chan_stride, seed, offset, act):
+        n = grad_y.numel()
+        if n == 0 or (grad_x is None and grad_f is None and grad_sigma is None):
+            return
+        if act not in ("none", "relu"):
+            raise ValueError(f"cd_step: unknown activation {act!r}")
+        relu = act == "relu"
+        dummy = grad_y
+        _cd_step_bwd_kernel[_grid(n)](
+            grad_y, y if relu else dummy, grad_x if grad_x is not None else dummy,
+            grad_f if grad_f is not None else dummy,
+            grad_sigma if grad_sigma is not None else dummy, n, float(dt), int(C),
+            int(chan_stride), seed, _check_offset(offset), RELU=relu,
+            HAS_GX=grad_x is not None, HAS_GF=grad_f is not None,
+            HAS_GS=grad_sigma is not None, CH_MODE=_chan_mode(int(C), int(chan_stride)),
+            BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+    # -- cd_smooth ----------------------------------------------------------------------------
+    def cd_smooth_fwd(self, x, y, sigma, sigma_value, C, chan_stride, samples, seed, offset, act):
+        n = x.numel()
+        if n == 0:
+            return
+        has_sigma = sigma is not None
+        _cd_smooth_fwd_kernel[_grid(n)](
+            x, y, n, sigma if has_sigma else x, float(sigma_value), int(C), int(chan_stride),
+            int(samples), seed, _check_offset(offset), HAS_SIGMA=has_sigma,
+            CH_MODE=_chan_mode(int(C), int(chan_stride)), ACT=_ACT_CODES[act], BLOCK=BLOCK,
+            num_warps=NUM_WARPS)
+
+    def cd_smooth_bwd(self, grad_y, x, grad_x, grad_sigma, sigma, sigma_value, C, chan_stride,
+                      samples, seed, offset, act):
+        n = x.numel()
+        if n == 0:
+            return
+        has_sigma = sigma is not None
+        _cd_smooth_bwd_kernel[_grid(n)](
+            grad_y, x, grad_x, grad_sigma if grad_sigma is not None else x, n,
+            sigma if has_sigma else x, float(sigma_value), int(C), int(chan_stride),
+            int(samples), seed, _check_offset(offset), HAS_SIGMA=has_sigma,
+            HAS_GS=grad_sigma is not None, CH_MODE=_chan_mode(int(C), int(chan_stride)),
+            ACT=_ACT_CODES[act], BLOCK=BLOCK, num_warps=NUM_WARPS)
+
+    # -- ensemble_mean ------------------------------------------------------------------------
+    @staticmethod
+    def _ens_dims(inp: Tensor, out: Tensor):
+        K = inp.shape[0]
+        C = out.shape[-1]
+        B = out.numel() // C if C else 0
+        block_c = triton.next_power_of_2(max(C, 1))
+        # TODO(perf): rows wider than ~16K classes spill registers; tile over C then.
+        num_warps = 4 if block_c <= 2048 else (8 if block_c <= 8192 else 16)
+        return K, B, C, block_c, num_warps
+
+    def ensemble_mean_fwd(self, inp, out, space):
+        K, B, C, block_c, nw = self._ens_dims(inp, out)
+        if B == 0 or C == 0:
+            return
+        _ensemble_fwd_kernel[(B,)](inp, out, K, B, C, SPACE=_SPACE_CODES[space],
+                                   BLOCK_C=block_c, num_warps=nw)
+
+    def ensemble_mean_bwd(self, grad_out, inp, out, grad_in, space):
+        K, B, C, block_c, nw = self._ens_dims(inp, out)
+        if B == 0 or C == 0:
+            return
+        _ensemble_bwd_kernel[(B,)](grad_out, inp, out, grad_in, K, B, C,
+                                   SPACE=_SPACE_CODES[space],
+                                   RECOMPUTE_OUT=out.dtype != torch.float32,
+                                   BLOCK_C=block_c, num_warps=nw)
