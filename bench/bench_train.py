@@ -1,0 +1,227 @@
+"""Training-step benchmark of cdkernels models (not a test).
+
+For each model / batch / dtype it times one full training step (forward, backward, SGD update)
+and reports the median step time and images/s over repeats, for
+
+  torch-eager     a plain eager PyTorch implementation of the same network whose residual
+                  update is ``x + dt*f + sigma*sqrt(dt)*torch.randn_like(x)``
+  cdk-eager       cdkernels models (every update one fused ``cd_step``)
+  cdk-compile     the same under ``torch.compile``
+  cdk-cudagraph   the whole step captured in a CUDA graph and replayed (GPU only)
+
+plus the same network with noise off (``noise="none"``: eager / compile / CUDA graph).
+``--epochs N`` adds an end-to-end mode: ``cdkernels.train`` on real data (digits by default),
+reporting epochs per second.
+
+    python bench/bench_train.py                       # CPU default, ~1-2 minutes
+    python bench/bench_train.py --device cuda --models cd_preact_resnet20,cd_wrn16_4 \
+        --batch 128,512 --dtype fp32,bf16 --size 32 --channels 3 --out results.json
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+
+import torch
+from torch import nn
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from cdkernels import models  # noqa: E402
+from cdkernels import train as T  # noqa: E402
+
+warnings.filterwarnings("ignore", message="cdkernels: using backend")
+
+
+class TorchEMStep(nn.Module):
+    """The unfused reference update with torch.randn_like noise."""
+
+    def __init__(self, dt, sigma):
+        super().__init__()
+        self.dt, self.scale = dt, sigma * math.sqrt(dt)
+
+    def forward(self, x, f):
+        if x.dtype != f.dtype:
+            d = torch.promote_types(x.dtype, f.dtype)
+            x, f = x.to(d), f.to(d)
+        return x + self.dt * f + self.scale * torch.randn_like(x)
+
+
+def build(model: str, variant: str, args, device):
+    noise = "none" if variant.startswith("off") else "em"
+    kw = dict(num_classes=10, in_channels=args.channels, noise=noise, sigma=args.sigma,
+              dt=args.dt)
+    if "wrn" not in model and "wide" not in model:
+        kw["width"] = args.width
+    m = models.create(model, **kw)
+    if variant == "torch-eager":
+        for blk in m.modules():
+            if hasattr(blk, "step"):
+                blk.step = TorchEMStep(args.dt, args.sigma)
+    mf = torch.channels_last if args.channels_last else torch.contiguous_format
+    return m.to(device=device, memory_format=mf)
+
+
+def time_variant(model_name, variant, batch, dtype, args, device):
+    torch.manual_seed(0)
+    m = build(model_name, variant, args, device)
+    mf = torch.channels_last if args.channels_last else torch.contiguous_format
+    x = torch.randn(batch, args.channels, args.size, args.size, device=device).to(memory_format=mf)
+    y = torch.randint(0, 10, (batch,), device=device)
+    opt = T.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    crit = nn.CrossEntropyLoss()
+    amp = None if dtype == "fp32" else dtype
+    run_m = torch.compile(m) if variant.endswith("compile") else m
+    graphed = variant.endswith("cudagraph")
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with T._autocast(device, amp, cache=not graphed):
+            loss = crit(run_m(x).float(), y)
+        loss.backward()
+        opt.step()
+
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    t0 = time.perf_counter()
+    if graphed:
+        side = torch.cuda.Stream(device)
+        side.wait_stream(torch.cuda.current_stream(device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                step()
+        torch.cuda.current_stream(device).wait_stream(side)
+        ns = argparse.Namespace(amp=amp)
+        g, _ = T._capture(run_m, opt, crit, x, y, device, ns, side)
+
+        def step():  # noqa: F811
+            opt.sync_lr()
+            g.replay()
+    for _ in range(args.warmup):
+        step()
+    sync()
+    setup = time.perf_counter() - t0
+    times = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        for _ in range(args.iters):
+            step()
+        sync()
+        times.append((time.perf_counter() - t) / args.iters)
+    med = statistics.median(times)
+    return {"model": model_name, "variant": variant, "batch": batch, "dtype": dtype,
+            "size": args.size, "device": str(device), "step_ms": med * 1e3,
+            "images_per_s": batch / med, "setup_s": setup,
+            "backend": _backend_name(device)}
+
+
+def _backend_name(device):
+    try:
+        from cdkernels.backends import get_backend
+        return get_backend(device, torch.float32).name
+    except Exception as e:  # pragma: no cover
+        return f"? ({e})"
+
+
+def epochs_mode(args, device):
+    rows = []
+    for variant in args.epoch_variants.split(","):
+        with tempfile.TemporaryDirectory() as out:
+            argv = ["--model", args.models.split(",")[0], "--data", args.data, "--epochs",
+                    str(args.epochs), "--batch-size", str(args.batch.split(",")[0]), "--out", out,
+                    "--quiet", "--device", str(device)]
+            if "wrn" not in argv[1]:
+                argv += ["--width", str(args.width)]
+            if args.data_dir:
+                argv += ["--data-dir", args.data_dir]
+            argv += {"eager": [], "compile": ["--compile"], "cudagraph": ["--cuda-graph"],
+                     "off": ["--noise", "none"]}[variant]
+            t = time.perf_counter()
+            a = T.build_parser().parse_args(argv)
+            T.validate(a)
+            res = T.run(a)
+            total = time.perf_counter() - t
+            ep = [h["epoch_time_s"] for h in res["history"]]
+            steady = statistics.median(ep[1:]) if len(ep) > 1 else ep[0]
+            rows.append({"mode": "epochs", "variant": variant, "data": args.data,
+                         "epochs": args.epochs, "total_s": total,
+                         "epochs_per_s_steady": 1.0 / steady,
+                         "images_per_s": statistics.median(h["images_per_s"]
+                                                           for h in res["history"]),
+                         "test_acc": res["history"][-1]["test_acc"]})
+    return rows
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--models", default="cd_preact_resnet20")
+    p.add_argument("--batch", default="64", help="comma-separated batch sizes")
+    p.add_argument("--dtype", default="fp32", help="comma-separated: fp32,bf16,fp16")
+    p.add_argument("--variants", default=None, help="default: all that run on the device")
+    p.add_argument("--size", type=int, default=8, help="image side (8 = digits, 28, 32)")
+    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--width", type=int, default=16)
+    p.add_argument("--sigma", type=float, default=0.1)
+    p.add_argument("--dt", type=float, default=1.0)
+    p.add_argument("--channels-last", action="store_true")
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--epochs", type=int, default=0, help="also run N epochs end to end")
+    p.add_argument("--epoch-variants", default="eager,off")
+    p.add_argument("--data", default="digits")
+    p.add_argument("--data-dir", default=None)
+    p.add_argument("--out", default=None, help="write results (.json or .csv)")
+    args = p.parse_args(argv)
+    device = torch.device(args.device)
+    variants = (args.variants.split(",") if args.variants else
+                ["torch-eager", "cdk-eager", "cdk-compile", "off-eager", "off-compile"]
+                + (["cdk-cudagraph", "off-cudagraph"] if device.type == "cuda" else []))
+    if device.type != "cuda" and any(v.endswith("cudagraph") for v in variants):
+        p.error("cudagraph variants need --device cuda")
+    rows = []
+    print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+          f"cd_step backend {_backend_name(device)}", flush=True)
+    hdr = f"{'model':22} {'variant':14} {'batch':>5} {'dtype':>5} {'ms/step':>9} {'img/s':>9}"
+    print(hdr + f" {'vs torch':>9}\n" + "-" * (len(hdr) + 10))
+    for model in args.models.split(","):
+        for batch in map(int, args.batch.split(",")):
+            for dtype in args.dtype.split(","):
+                base = None
+                for v in variants:
+                    r = time_variant(model, v, batch, dtype, args, device)
+                    rows.append(r)
+                    base = r["step_ms"] if v == "torch-eager" else base
+                    rel = f"{base / r['step_ms']:8.2f}x" if base else ""
+                    print(f"{model:22} {v:14} {batch:5} {dtype:>5} {r['step_ms']:9.2f} "
+                          f"{r['images_per_s']:9.0f} {rel}", flush=True)
+    if args.epochs:
+        print("\nend to end (cdkernels.train):")
+        for r in epochs_mode(args, device):
+            rows.append(r)
+            print(f"  {r['variant']:10} {r['epochs']} epochs of {r['data']}: "
+                  f"{r['epochs_per_s_steady']:.3f} epochs/s steady, {r['images_per_s']:.0f} img/s,"
+                  f" total {r['total_s']:.1f}s, test acc {r['test_acc']:.3f}", flush=True)
+    if args.out:
+        if args.out.endswith(".csv"):
+            keys = sorted({k for r in rows for k in r})
+            with open(args.out, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=keys)
+                w.writeheader()
+                w.writerows(rows)
+        else:
+            with open(args.out, "w") as fh:
+                json.dump(rows, fh, indent=1)
+        print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

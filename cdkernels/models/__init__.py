@@ -1,0 +1,66 @@
+"""Model zoo: pre-activation ResNets whose residual updates are fused ``cd_step`` calls.
+
+>>> from cdkernels import models
+>>> "cd_preact_resnet20" in models.list()
+True
+>>> net = models.create("cd_preact_resnet20", num_classes=10, noise="em", sigma=0.1)
+
+Every model takes ``num_classes``, ``in_channels``, ``noise`` ("em" | "std" | "none"),
+``sigma``, ``dt`` and ``learnable_sigma`` (False | "scalar" | "channel"). See
+:mod:`cdkernels.models.resnet` for what each noise mode means.
+"""
+from __future__ import annotations
+
+import builtins
+import functools
+from typing import Callable, Dict, List
+
+from torch import nn
+
+from .resnet import (CDPreActResNet, EnResNet, NOISE_MODES, cd_preact_resnet, cd_wide_resnet,
+                     enresnet)
+
+_REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
+
+
+def register(name: str, fn: Callable[..., nn.Module]) -> None:
+    if name in _REGISTRY:
+        raise ValueError(f"model {name!r} is already registered")
+    _REGISTRY[name] = fn
+
+
+def list() -> List[str]:  # noqa: A001 - the documented API name
+    """Names accepted by :func:`create`, sorted."""
+    return sorted(_REGISTRY)
+
+
+def create(name: str, **kwargs) -> nn.Module:
+    """Build the registered model ``name`` with keyword arguments ``kwargs``."""
+    fn = _REGISTRY.get(name) if isinstance(name, str) else None
+    if fn is None:
+        raise ValueError(f"unknown model {name!r}; valid models: {', '.join(list())}")
+    return fn(**kwargs)
+
+
+def _fixed(fn, **fixed):
+    @functools.wraps(fn)
+    def build(**kw):
+        clash = builtins.sorted(set(kw) & set(fixed))
+        if clash:
+            raise TypeError(f"{', '.join(clash)} is fixed by the model name")
+        return fn(**fixed, **kw)
+    return build
+
+
+for _d in (20, 32, 44, 56, 110):
+    register(f"cd_preact_resnet{_d}", _fixed(cd_preact_resnet, depth=_d))
+    register(f"enresnet{_d}", _fixed(enresnet, depth=_d))
+for _d, _k in ((16, 4), (16, 8), (28, 10), (40, 4)):
+    register(f"cd_wrn{_d}_{_k}", _fixed(cd_wide_resnet, depth=_d, widen=_k))
+# Generic builders (depth / widen as keywords).
+register("cd_preact_resnet", cd_preact_resnet)
+register("cd_wide_resnet", cd_wide_resnet)
+register("enresnet", enresnet)
+
+__all__ = ["list", "create", "register", "cd_preact_resnet", "cd_wide_resnet", "enresnet",
+           "CDPreActResNet", "EnResNet", "NOISE_MODES"]
