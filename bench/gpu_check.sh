@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Everything that needs a GPU, in one prepared run (< 5 minutes on an H100/H200):
+# build with the CUDA part, the GPU tests, the op and training benchmarks. Full results go
+# under $OUT (default bench/results); a short table is printed last.
+#
+#   bash bench/gpu_check.sh            # on the GPU machine, from the repo root
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-bench/results}
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 CDK_FORCE_CUDA=1 CDK_REQUIRE_BACKENDS=cuda,triton
+t0=$(date +%s)
+{
+  date -u
+  nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
+  python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)"
+} | tee "$OUT/machine.txt"
+
+echo "== build"
+( time pip install -q --no-build-isolation -e . ) > "$OUT/build.log" 2>&1
+status_build=$?
+tail -3 "$OUT/build.log"
+python -c "import cdkernels, json; print(json.dumps(cdkernels.backends()))" | tee -a "$OUT/machine.txt"
+
+echo "== GPU tests"
+timeout 150 python -m pytest -q -x tests -k "cuda or Cuda or graph" \
+  --junitxml="$OUT/gpu_tests.xml" 2>&1 | tee "$OUT/gpu_tests.log" | tail -15
+status_tests=${PIPESTATUS[0]}
+
+echo "== op benchmark"
+timeout 120 python bench/bench_ops.py --device cuda --csv "$OUT/ops.csv" --png "$OUT/ops.png" \
+  2>&1 | tee "$OUT/ops.txt" | tail -40
+echo "== training-step benchmark"
+timeout 60 python bench/bench_train.py --device cuda --models cd_preact_resnet56 --batch 128 \
+  --dtype bf16 --size 32 --channels 3 --out "$OUT/train.json" 2>&1 | tee "$OUT/train.txt" | tail -15
+
+echo "== summary ($(( $(date +%s) - t0 )) s)"
+echo "build: $([ $status_build = 0 ] && echo ok || echo FAILED)   tests: $([ $status_tests = 0 ] && echo ok || echo FAILED)"
+grep -E "cd_step fwd |cd_step fwd\+bwd|cd_smooth|ensemble_mean|copy" "$OUT/ops.txt" | grep -v "^#" | head -30

@@ -1,0 +1,115 @@
+"""CPU backend: the compiled kernels of ``csrc/cpu`` (module ``cdkernels._C``).
+
+Multithreaded (``torch.get_num_threads()`` threads) and vectorised, with the SIMD level
+(baseline / avx2 / avx512) picked at run time; ``CDK_CPU_SIMD`` forces one. Importing this
+module never raises: if ``cdkernels._C`` is missing or broken, :meth:`CpuBackend.availability`
+says why.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .base import Backend, Tensor
+
+try:
+    from cdkernels import _C  # type: ignore[attr-defined]
+    _IMPORT_ERROR: Optional[str] = None
+except Exception as e:  # ImportError, or an OSError from a bad build: keep the message
+    _C = None
+    _IMPORT_ERROR = f"cdkernels._C could not be imported ({type(e).__name__}: {e})"
+
+_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+def _code(t: Tensor) -> int:
+    try:
+        return _DTYPE_CODES[t.dtype]
+    except KeyError:
+        raise TypeError(f"cdkernels cpu backend: unsupported dtype {t.dtype} "
+                        "(float32, float16, bfloat16)") from None
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _seed_ptr(seed: Tensor) -> int:
+    # the kernels read the int64 seed from memory (first element)
+    if seed.dtype != torch.int64 or seed.device.type != "cpu":
+        raise TypeError("cdkernels cpu backend: seed must be an int64 CPU tensor")
+    return seed.data_ptr()
+
+
+def _nthreads() -> int:
+    return max(1, torch.get_num_threads())
+
+
+class CpuBackend(Backend):
+    name = "cpu"
+
+    def availability(self):
+        if _C is None:
+            return False, _IMPORT_ERROR
+        return True, f"compiled module, SIMD level {_C.cpu_simd_level()}"
+
+    def supports(self, device: torch.device) -> bool:
+        return torch.device(device).type == "cpu"
+
+    # -- noise ------------------------------------------------------------------------------
+    def philox_words(self, out, seed, offset, sample):
+        _C.philox_words(out.data_ptr(), out.numel() // 4, _seed_ptr(seed), int(offset),
+                        int(sample), _nthreads())
+
+    def uniform(self, out, seed, offset, sample):
+        if out.dtype != torch.float32:
+            raise TypeError("cdkernels cpu backend: uniform writes float32")
+        _C.uniform(out.data_ptr(), out.numel(), _seed_ptr(seed), int(offset), int(sample),
+                   _nthreads())
+
+    def normal(self, out, seed, offset, sample):
+        _C.normal(out.data_ptr(), out.numel(), _code(out), _seed_ptr(seed), int(offset),
+                  int(sample), _nthreads())
+
+    # -- cd_step ----------------------------------------------------------------------------
+    def cd_step_fwd(self, x, f, y, dt, sigma, sigma_value, C, chan_stride, seed, offset, act):
+        _C.cd_step_fwd(x.data_ptr(), f.data_ptr(), y.data_ptr(), x.numel(), _code(x),
+                       float(dt), _ptr(sigma), float(sigma_value), int(C), int(chan_stride),
+                       _seed_ptr(seed), int(offset), act, _nthreads())
+
+    def cd_step_bwd(self, grad_y, y, grad_x, grad_f, grad_sigma, dt, sigma, sigma_value, C,
+                    chan_stride, seed, offset, act):
+        _C.cd_step_bwd(grad_y.data_ptr(), _ptr(y), _ptr(grad_x), _ptr(grad_f),
+                       _ptr(grad_sigma), grad_y.numel(), _code(grad_y), float(dt), _ptr(sigma),
+                       float(sigma_value), int(C), int(chan_stride), _seed_ptr(seed),
+                       int(offset), act, _nthreads())
+
+    # -- cd_smooth --------------------------------------------------------------------------
+    def cd_smooth_fwd(self, x, y, sigma, sigma_value, C, chan_stride, samples, seed, offset,
+                      act):
+        _C.cd_smooth_fwd(x.data_ptr(), y.data_ptr(), x.numel(), _code(x), _ptr(sigma),
+                         float(sigma_value), int(C), int(chan_stride), int(samples),
+                         _seed_ptr(seed), int(offset), act, _nthreads())
+
+    def cd_smooth_bwd(self, grad_y, x, grad_x, grad_sigma, sigma, sigma_value, C, chan_stride,
+                      samples, seed, offset, act):
+        _C.cd_smooth_bwd(grad_y.data_ptr(), x.data_ptr(), grad_x.data_ptr(), _ptr(grad_sigma),
+                         x.numel(), _code(x), _ptr(sigma), float(sigma_value), int(C),
+                         int(chan_stride), int(samples), _seed_ptr(seed), int(offset), act,
+                         _nthreads())
+
+    # -- ensemble_mean ----------------------------------------------------------------------
+    def ensemble_mean_fwd(self, inp, out, space):
+        K, B, C = inp.shape
+        if inp.numel() == 0:
+            return
+        _C.ensemble_mean_fwd(inp.data_ptr(), out.data_ptr(), K, B, C, _code(inp), space,
+                             _nthreads())
+
+    def ensemble_mean_bwd(self, grad_out, inp, out, grad_in, space):
+        K, B, C = inp.shape
+        if inp.numel() == 0:
+            return
+        _C.ensemble_mean_bwd(grad_out.data_ptr(), inp.data_ptr(), out.data_ptr(),
+                             grad_in.data_ptr(), K, B, C, _code(inp), space, _nthreads())

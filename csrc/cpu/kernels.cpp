@@ -1,0 +1,265 @@
+// kernels.cpp -- SIMD clones of kernels_impl.h, run-time dispatch and threading.
+#include "cpu/kernels.h"
+
+#include <stdlib.h>
+
+#include <atomic>
+#include <cstring>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#define CDK_X86_CLONES 1
+#else
+#define CDK_X86_CLONES 0
+#endif
+
+// ---- the clones -------------------------------------------------------------------------------
+#define CDK_ISA_NS isa_baseline
+#define CDK_ISA_NAME "baseline"
+#include "cpu/kernels_impl.h"
+#undef CDK_ISA_NS
+#undef CDK_ISA_NAME
+
+#if CDK_X86_CLONES
+#pragma GCC push_options
+#pragma GCC target("avx2,fma")
+#define CDK_ISA_NS isa_avx2
+#define CDK_ISA_NAME "avx2"
+#include "cpu/kernels_impl.h"
+#undef CDK_ISA_NS
+#undef CDK_ISA_NAME
+#pragma GCC pop_options
+
+#pragma GCC push_options
+#pragma GCC target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl,prefer-vector-width=512")
+#define CDK_ISA_NS isa_avx512
+#define CDK_ISA_NAME "avx512"
+#include "cpu/kernels_impl.h"
+#undef CDK_ISA_NS
+#undef CDK_ISA_NAME
+#pragma GCC pop_options
+#endif
+
+namespace cdk_cpu {
+
+// ---- SIMD level -------------------------------------------------------------------------------
+namespace {
+
+const KernelTable* table_for(const std::string& name) {
+  if (name == "baseline") return &isa_baseline::table;
+#if CDK_X86_CLONES
+  if (name == "avx2") return &isa_avx2::table;
+  if (name == "avx512") return &isa_avx512::table;
+#endif
+  return nullptr;
+}
+
+bool cpu_has(const std::string& name) {
+  if (name == "baseline") return true;
+#if CDK_X86_CLONES
+  __builtin_cpu_init();
+  if (name == "avx2") return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  if (name == "avx512")
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+           __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+#endif
+  return false;
+}
+
+struct Level {
+  std::atomic<const KernelTable*> table{nullptr};
+  std::string note;
+  Level() {
+    const KernelTable* best = &isa_baseline::table;
+    for (const char* n : {"avx2", "avx512"})
+      if (table_for(n) && cpu_has(n)) best = table_for(n);
+    const KernelTable* chosen = best;
+    const char* env = getenv("CDK_CPU_SIMD");
+    if (env && *env) {
+      const std::string want(env);
+      if (!table_for(want)) {
+        note = "CDK_CPU_SIMD=" + want + " is not a compiled level; using " + best->name;
+      } else if (!cpu_has(want)) {
+        note = "CDK_CPU_SIMD=" + want + " is not supported by this CPU; using " + best->name;
+      } else {
+        chosen = table_for(want);
+        note = "forced by CDK_CPU_SIMD";
+      }
+    }
+    table.store(chosen);
+  }
+};
+
+Level& level() {
+  static Level l;
+  return l;
+}
+
+inline const KernelTable& K() { return *level().table.load(std::memory_order_relaxed); }
+
+// ---- threading ------------------------------------------------------------------------------
+// Items [0, n) split in nt contiguous ranges whose inner bounds are multiples of `align`;
+// fn(t, begin, end) runs for each range, range 0 on the calling thread.
+template <class F>
+void parallel_for(int64_t n, int64_t align, int nt, F&& fn) {
+  if (n <= 0) return;
+  if (nt <= 1) { fn(0, (int64_t)0, n); return; }
+  const int64_t units = (n + align - 1) / align;
+  auto bound = [&](int t) -> int64_t {
+    if (t >= nt) return n;
+    const int64_t b = (int64_t)(((__int128)units * t) / nt) * align;
+    return b < n ? b : n;
+  };
+  std::vector<std::thread> th;
+  th.reserve(nt - 1);
+  int started = 1;
+  for (int t = 1; t < nt; ++t) {
+    try {
+      th.emplace_back([&fn, t, b0 = bound(t), b1 = bound(t + 1)] { fn(t, b0, b1); });
+      started = t + 1;
+    } catch (...) {
+      break;  // could not start a thread: the caller's thread does the rest
+    }
+  }
+  fn(0, bound(0), bound(1));
+  if (started < nt) fn(started, bound(started), n);
+  for (auto& x : th) x.join();
+}
+
+// How many threads are worth it for `work` element-operations.
+int threads_for(double work, int nthreads) {
+  const double min_work_per_thread = 32768.0;
+  int nt = nthreads < 1 ? 1 : nthreads;
+  const double cap = work / min_work_per_thread;
+  if (cap < nt) nt = cap < 1.0 ? 1 : (int)cap;
+  return nt;
+}
+
+constexpr int64_t kAlign = 64;  // element ranges start at multiples of 64 (whole cache lines)
+
+// Per-thread double sums -> grad_sigma (in thread order: deterministic).
+struct ChannelSums {
+  int64_t C;
+  std::vector<double> v;
+  ChannelSums(int nt, int64_t C_) : C(C_), v((size_t)nt * (size_t)C_, 0.0) {}
+  double* of(int t) { return v.data() + (size_t)t * (size_t)C; }
+  void add_into(float* out, int nt) {
+    for (int64_t c = 0; c < C; ++c) {
+      double s = 0.0;
+      for (int t = 0; t < nt; ++t) s += v[(size_t)t * (size_t)C + (size_t)c];
+      out[c] += (float)s;
+    }
+  }
+};
+
+}  // namespace
+
+const char* simd_level() { return K().name; }
+std::string simd_note() { return level().note; }
+
+std::vector<std::string> simd_levels_compiled() {
+#if CDK_X86_CLONES
+  return {"baseline", "avx2", "avx512"};
+#else
+  return {"baseline"};
+#endif
+}
+
+std::vector<std::string> simd_levels_supported() {
+  std::vector<std::string> r;
+  for (const auto& n : simd_levels_compiled())
+    if (cpu_has(n)) r.push_back(n);
+  return r;
+}
+
+bool set_simd_level(const std::string& name) {
+  const KernelTable* t = table_for(name);
+  if (!t || !cpu_has(name)) return false;
+  level().table.store(t);
+  return true;
+}
+
+// ---- entry points ---------------------------------------------------------------------------
+void philox_words(int32_t* out, int64_t n_blocks, uint64_t seed, uint64_t offset,
+                  uint32_t sample, int nthreads) {
+  const KernelTable& k = K();
+  parallel_for(n_blocks, 16, threads_for(4.0 * n_blocks, nthreads),
+               [&](int, int64_t b0, int64_t b1) { k.philox_words(out, b0, b1, seed, offset, sample); });
+}
+
+void uniform(float* out, int64_t n, uint64_t seed, uint64_t offset, uint32_t sample,
+             int nthreads) {
+  const KernelTable& k = K();
+  parallel_for(n, kAlign, threads_for((double)n, nthreads),
+               [&](int, int64_t b0, int64_t b1) { k.uniform(out, b0, b1, seed, offset, sample); });
+}
+
+void normal(void* out, int dtype, int64_t n, uint64_t seed, uint64_t offset, uint32_t sample,
+            int nthreads) {
+  const KernelTable& k = K();
+  parallel_for(n, kAlign, threads_for(2.0 * n, nthreads), [&](int, int64_t b0, int64_t b1) {
+    k.normal(out, dtype, b0, b1, seed, offset, sample);
+  });
+}
+
+void cd_step_fwd(const PointArgs& a, int64_t n, int nthreads) {
+  const KernelTable& k = K();
+  parallel_for(n, kAlign, threads_for(2.0 * n, nthreads),
+               [&](int, int64_t b0, int64_t b1) { k.cd_step_fwd(a, b0, b1); });
+}
+
+void cd_step_bwd(const PointArgs& a, int64_t n, float* grad_sigma, int nthreads) {
+  const KernelTable& k = K();
+  PointArgs args = a;
+  args.want_gsigma = grad_sigma != nullptr;
+  const int nt = threads_for((args.want_gsigma ? 2.0 : 0.5) * n, nthreads);
+  ChannelSums sums(nt, args.want_gsigma ? a.C : 0);
+  parallel_for(n, kAlign, nt, [&](int t, int64_t b0, int64_t b1) {
+    k.cd_step_bwd(args, b0, b1, args.want_gsigma ? sums.of(t) : nullptr);
+  });
+  if (args.want_gsigma) sums.add_into(grad_sigma, nt);
+}
+
+void cd_smooth_fwd(const PointArgs& a, int64_t n, int nthreads) {
+  const KernelTable& k = K();
+  parallel_for(n, kAlign, threads_for(2.0 * (double)n * (double)a.samples, nthreads),
+               [&](int, int64_t b0, int64_t b1) { k.cd_smooth_fwd(a, b0, b1); });
+}
+
+void cd_smooth_bwd(const PointArgs& a, int64_t n, float* grad_sigma, int nthreads) {
+  const KernelTable& k = K();
+  PointArgs args = a;
+  args.want_gsigma = grad_sigma != nullptr;
+  const int nt = threads_for(2.0 * (double)n * (double)a.samples, nthreads);
+  ChannelSums sums(nt, args.want_gsigma ? a.C : 0);
+  parallel_for(n, kAlign, nt, [&](int t, int64_t b0, int64_t b1) {
+    k.cd_smooth_bwd(args, b0, b1, args.want_gsigma ? sums.of(t) : nullptr);
+  });
+  if (args.want_gsigma) sums.add_into(grad_sigma, nt);
+}
+
+void ensemble_mean_fwd(const EnsArgs& a, int nthreads) {
+  const KernelTable& k = K();
+  const int nt = threads_for(3.0 * (double)a.K * (double)a.B * (double)a.C, nthreads);
+  const int nth = nt < a.B ? nt : (int)(a.B > 0 ? a.B : 1);
+  const size_t per = (size_t)(5 * a.C + a.K + 16);
+  std::vector<float> scratch(per * (size_t)nth);  // allocated here: bad_alloc reaches Python
+  parallel_for(a.B, 1, nth, [&](int t, int64_t b0, int64_t b1) {
+    k.ens_fwd(a, b0, b1, scratch.data() + per * (size_t)t);
+  });
+}
+
+void ensemble_mean_bwd(const EnsArgs& a, int nthreads) {
+  const KernelTable& k = K();
+  const int nt = threads_for(3.0 * (double)a.K * (double)a.B * (double)a.C, nthreads);
+  const int nth = nt < a.B ? nt : (int)(a.B > 0 ? a.B : 1);
+  const size_t per = (size_t)(5 * a.C + a.K + 16);
+  std::vector<float> scratch(per * (size_t)nth);  // allocated here: bad_alloc reaches Python
+  parallel_for(a.B, 1, nth, [&](int t, int64_t b0, int64_t b1) {
+    k.ens_bwd(a, b0, b1, scratch.data() + per * (size_t)t);
+  });
+}
+
+}  // namespace cdk_cpu

@@ -1,0 +1,42 @@
+// kernels.h -- the CPU backend's entry points (called by csrc/bindings.cpp).
+//
+// Every function works on flat, contiguous buffers given as raw pointers, splits the work over
+// `nthreads` threads (std::thread; small inputs run on the calling thread) and calls the
+// kernels of the SIMD level chosen at run time (baseline, avx2 or avx512 on x86-64; baseline
+// elsewhere). The per-thread ranges are fixed by (n, nthreads), so results - including the
+// double-precision grad_sigma reductions - are deterministic for a given thread count.
+#pragma once
+#include <stdint.h>
+
+#include <string>
+#include <vector>
+
+#include "cpu/cpu_common.h"
+
+namespace cdk_cpu {
+
+// SIMD level selection. The initial level is the best the CPU supports, or the one forced by
+// the environment variable CDK_CPU_SIMD=baseline|avx2|avx512 (an unknown or unsupported value
+// falls back to the best level and is reported by simd_note()).
+const char* simd_level();
+std::string simd_note();
+std::vector<std::string> simd_levels_compiled();
+std::vector<std::string> simd_levels_supported();
+// Switch level at run time (tests); returns false (and changes nothing) if the level is not
+// compiled in or the CPU lacks it.
+bool set_simd_level(const std::string& name);
+
+void philox_words(int32_t* out, int64_t n_blocks, uint64_t seed, uint64_t offset,
+                  uint32_t sample, int nthreads);
+void uniform(float* out, int64_t n, uint64_t seed, uint64_t offset, uint32_t sample,
+             int nthreads);
+void normal(void* out, int dtype, int64_t n, uint64_t seed, uint64_t offset, uint32_t sample,
+            int nthreads);
+void cd_step_fwd(const PointArgs& a, int64_t n, int nthreads);
+void cd_step_bwd(const PointArgs& a, int64_t n, float* grad_sigma, int nthreads);
+void cd_smooth_fwd(const PointArgs& a, int64_t n, int nthreads);
+void cd_smooth_bwd(const PointArgs& a, int64_t n, float* grad_sigma, int nthreads);
+void ensemble_mean_fwd(const EnsArgs& a, int nthreads);
+void ensemble_mean_bwd(const EnsArgs& a, int nthreads);
+
+}  // namespace cdk_cpu

@@ -1,0 +1,567 @@
+// kernels_impl.h -- the CPU kernels, written once and compiled once per SIMD level.
+//
+// NO include guard on purpose: kernels.cpp includes this file several times, each time inside
+// `namespace CDK_ISA_NS { ... }` and (on x86) inside `#pragma GCC target(...)`, so every
+// function here is cloned for baseline / AVX2 / AVX-512. The header helpers (cdk_noise.h,
+// cpu_common.h) are always_inline, so they are compiled with the clone's ISA too.
+//
+// Work is done in tiles of TILE elements (TILE/4 Philox blocks): the tile's normals are made in
+// one vectorised loop into a stack buffer, then one vectorised element-wise loop does the op.
+// Tiles start at multiples of 4 elements relative to the op's first element.
+
+#ifndef CDK_ISA_NS
+#error "define CDK_ISA_NS before including kernels_impl.h"
+#endif
+
+namespace CDK_ISA_NS {
+
+using namespace cdk_cpu;
+
+constexpr int TILE = 512;
+
+// -- noise ------------------------------------------------------------------------------------
+// Blocks (lo0 + i, hi) for i < nb: the caller guarantees lo0 + nb - 1 does not wrap.
+static void normals_run(float* __restrict out, uint32_t lo0, uint32_t hi, uint32_t sample,
+                        uint32_t k0, uint32_t k1, int nb) {
+  for (int i = 0; i < nb; ++i) {
+    const cdk::Normals4 n =
+        cdk::words_to_normals(cdk::philox4x32_10(lo0 + (uint32_t)i, hi, sample, 0u, k0, k1));
+    out[4 * i + 0] = n.n0;
+    out[4 * i + 1] = n.n1;
+    out[4 * i + 2] = n.n2;
+    out[4 * i + 3] = n.n3;
+  }
+}
+
+static void words_run(uint32_t* __restrict out, uint32_t lo0, uint32_t hi, uint32_t sample,
+                      uint32_t k0, uint32_t k1, int nb) {
+  for (int i = 0; i < nb; ++i) {
+    const cdk::Words4 w = cdk::philox4x32_10(lo0 + (uint32_t)i, hi, sample, 0u, k0, k1);
+    out[4 * i + 0] = w.w0;
+    out[4 * i + 1] = w.w1;
+    out[4 * i + 2] = w.w2;
+    out[4 * i + 3] = w.w3;
+  }
+}
+
+// Number of blocks from lo0 before the low counter word wraps (capped at nb).
+static inline int64_t blocks_before_wrap(uint32_t lo0, int64_t nb) {
+  const uint64_t room = 0x100000000ull - (uint64_t)lo0;
+  return (uint64_t)nb > room ? (int64_t)room : nb;
+}
+
+// The normals of blocks block0 .. block0 + nb - 1 (block numbers are 64-bit, mod 2^64).
+static void gen_normals(float* __restrict out, uint64_t seed, uint64_t block0, int nb,
+                        uint32_t sample) {
+  const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+  const uint32_t lo0 = (uint32_t)block0, hi = (uint32_t)(block0 >> 32);
+  const int first = (int)blocks_before_wrap(lo0, nb);
+  normals_run(out, lo0, hi, sample, k0, k1, first);
+  if (first < nb) normals_run(out + 4 * first, 0u, hi + 1u, sample, k0, k1, nb - first);
+}
+
+static void k_philox_words(int32_t* out, int64_t b0, int64_t b1, uint64_t seed, uint64_t offset,
+                           uint32_t sample) {
+  const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+  int64_t i = b0;
+  while (i < b1) {
+    const uint64_t block = offset + (uint64_t)i;
+    const uint32_t lo0 = (uint32_t)block, hi = (uint32_t)(block >> 32);
+    const int64_t left = b1 - i;
+    const int nb = (int)blocks_before_wrap(lo0, left < TILE ? left : TILE);
+    words_run(reinterpret_cast<uint32_t*>(out) + 4 * i, lo0, hi, sample, k0, k1, nb);
+    i += nb;
+  }
+}
+
+static void k_uniform(float* out, int64_t begin, int64_t end, uint64_t seed, uint64_t offset,
+                      uint32_t sample) {
+  alignas(64) uint32_t w[TILE];
+  const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+  for (int64_t p0 = begin; p0 < end; p0 += TILE) {
+    const int len = (int)(end - p0 < TILE ? end - p0 : TILE);
+    const int nb = (len + 3) / 4;
+    const uint64_t block0 = offset + (uint64_t)(p0 / 4);
+    const uint32_t lo0 = (uint32_t)block0, hi = (uint32_t)(block0 >> 32);
+    const int first = (int)blocks_before_wrap(lo0, nb);
+    words_run(w, lo0, hi, sample, k0, k1, first);
+    if (first < nb) words_run(w + 4 * first, 0u, hi + 1u, sample, k0, k1, nb - first);
+    float* o = out + p0;
+    for (int i = 0; i < len; ++i) o[i] = cdk::word_to_uniform(w[i]);
+  }
+}
+
+template <class D>
+static void normal_t(void* outv, int64_t begin, int64_t end, uint64_t seed, uint64_t offset,
+                     uint32_t sample) {
+  alignas(64) float eps[TILE];
+  typename D::T* out = static_cast<typename D::T*>(outv);
+  for (int64_t p0 = begin; p0 < end; p0 += TILE) {
+    const int len = (int)(end - p0 < TILE ? end - p0 : TILE);
+    gen_normals(eps, seed, offset + (uint64_t)(p0 / 4), (len + 3) / 4, sample);
+    typename D::T* o = out + p0;
+    for (int i = 0; i < len; ++i) D::st(o, i, eps[i]);
+  }
+}
+
+static void k_normal(void* out, int dtype, int64_t begin, int64_t end, uint64_t seed,
+                     uint64_t offset, uint32_t sample) {
+  if (dtype == kF32) normal_t<F32>(out, begin, end, seed, offset, sample);
+  else if (dtype == kF16) normal_t<F16>(out, begin, end, seed, offset, sample);
+  else normal_t<BF16>(out, begin, end, seed, offset, sample);
+}
+
+// -- per-channel helpers ----------------------------------------------------------------------
+// Sigma of the elements p0 .. p0+len-1. Returns true (and *sc) when it is one value for the
+// whole tile, else fills sig[0..len).
+static inline bool tile_sigma(const PointArgs& a, int64_t p0, int len, float* __restrict sig,
+                              float* sc) {
+  if (a.sigma == nullptr) { *sc = a.sigma_value; return true; }
+  if (a.C == 1) { *sc = a.sigma[0]; return true; }
+  int64_t c = (p0 / a.chan_stride) % a.C;
+  int64_t r = p0 % a.chan_stride;
+  if (a.chan_stride - r >= len) { *sc = a.sigma[c]; return true; }
+  int i = 0;
+  while (i < len) {
+    const int64_t left = a.chan_stride - r;
+    const int run = (int)(left < len - i ? left : len - i);
+    const float v = a.sigma[c];
+    for (int j = 0; j < run; ++j) sig[i + j] = v;
+    i += run;
+    r = 0;
+    if (++c == a.C) c = 0;
+  }
+  return false;
+}
+
+static inline double sum_d(const float* __restrict v, int n) {
+  double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  int i = 0;
+  for (; i + 8 <= n; i += 8)
+    for (int j = 0; j < 8; ++j) part[j] += (double)v[i + j];
+  double s = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  for (; i < n; ++i) s += (double)v[i];
+  return s;
+}
+
+// acc[c] += sum of prod over the channel-c elements of p0 .. p0+len-1.
+static inline void accum_channels(double* acc, const float* prod, int64_t p0, int len,
+                                  int64_t C, int64_t cs) {
+  if (C == 1) { acc[0] += sum_d(prod, len); return; }
+  int64_t c = (p0 / cs) % C;
+  int64_t r = p0 % cs;
+  int i = 0;
+  if (cs == 1) {
+    for (; i < len; ++i) {
+      acc[c] += (double)prod[i];
+      if (++c == C) c = 0;
+    }
+    return;
+  }
+  while (i < len) {
+    const int64_t left = cs - r;
+    const int run = (int)(left < len - i ? left : len - i);
+    acc[c] += sum_d(prod + i, run);
+    i += run;
+    r = 0;
+    if (++c == C) c = 0;
+  }
+}
+
+// -- cd_step ----------------------------------------------------------------------------------
+template <class D, int ACT, bool PS>
+static inline void step_fwd_tile(const typename D::T* __restrict x,
+                                 const typename D::T* __restrict f, typename D::T* __restrict y,
+                                 const float* __restrict eps, const float* __restrict sig,
+                                 float sc, float dt, float sqdt, int len) {
+  for (int i = 0; i < len; ++i) {
+    const float s = PS ? sig[i] * sqdt : sc;
+    const float z = D::ld(x, i) + dt * D::ld(f, i) + s * eps[i];
+    D::st(y, i, act_fwd<ACT>(z));
+  }
+}
+
+template <class D, int ACT>
+static void step_fwd_t(const PointArgs& a, int64_t begin, int64_t end) {
+  alignas(64) float eps[TILE];
+  alignas(64) float sig[TILE];
+  using T = typename D::T;
+  const T* x = static_cast<const T*>(a.x);
+  const T* f = static_cast<const T*>(a.f);
+  T* y = static_cast<T*>(a.y);
+  for (int64_t p0 = begin; p0 < end; p0 += TILE) {
+    const int len = (int)(end - p0 < TILE ? end - p0 : TILE);
+    gen_normals(eps, a.seed, a.offset + (uint64_t)(p0 / 4), (len + 3) / 4, 0u);
+    float sv = 0.0f;
+    if (tile_sigma(a, p0, len, sig, &sv)) {
+      const float sc = a.sigma == nullptr ? a.noise_scale : sv * a.sqrt_dt;
+      step_fwd_tile<D, ACT, false>(x + p0, f + p0, y + p0, eps, sig, sc, a.dt, a.sqrt_dt, len);
+    } else {
+      step_fwd_tile<D, ACT, true>(x + p0, f + p0, y + p0, eps, sig, 0.0f, a.dt, a.sqrt_dt, len);
+    }
+  }
+}
+
+template <class D>
+static void step_fwd_d(const PointArgs& a, int64_t begin, int64_t end) {
+  if (a.act == kRelu) step_fwd_t<D, kRelu>(a, begin, end);
+  else step_fwd_t<D, kNone>(a, begin, end);
+}
+
+static void k_cd_step_fwd(const PointArgs& a, int64_t begin, int64_t end) {
+  if (a.dtype == kF32) step_fwd_d<F32>(a, begin, end);
+  else if (a.dtype == kF16) step_fwd_d<F16>(a, begin, end);
+  else step_fwd_d<BF16>(a, begin, end);
+}
+
+template <class D, bool RELU>
+static void step_bwd_t(const PointArgs& a, int64_t begin, int64_t end, double* acc) {
+  alignas(64) float eps[TILE];
+  alignas(64) float gz[TILE];
+  using T = typename D::T;
+  const T* gy = static_cast<const T*>(a.gy);
+  const T* yv = static_cast<const T*>(a.yv);
+  T* gx = static_cast<T*>(a.gx);
+  T* gf = static_cast<T*>(a.gf);
+  const float dt = a.dt;
+  for (int64_t p0 = begin; p0 < end; p0 += TILE) {
+    const int len = (int)(end - p0 < TILE ? end - p0 : TILE);
+    const T* g = gy + p0;
+    if (RELU) {
+      const T* yy = yv + p0;
+      for (int i = 0; i < len; ++i) gz[i] = D::ld(g, i) * (D::ld(yy, i) > 0.0f ? 1.0f : 0.0f);
+    } else {
+      for (int i = 0; i < len; ++i) gz[i] = D::ld(g, i);
+    }
+    if (gx) {
+      T* o = gx + p0;
+      for (int i = 0; i < len; ++i) D::st(o, i, gz[i]);
+    }
+    if (gf) {
+      T* o = gf + p0;
+      for (int i = 0; i < len; ++i) D::st(o, i, dt * gz[i]);
+    }
+    if (a.want_gsigma) {
+      gen_normals(eps, a.seed, a.offset + (uint64_t)(p0 / 4), (len + 3) / 4, 0u);
+      for (int i = 0; i < len; ++i) eps[i] = gz[i] * eps[i];
+      accum_channels(acc, eps, p0, len, a.C, a.chan_stride);
+    }
+  }
+}
+
+template <class D>
+static void step_bwd_d(const PointArgs& a, int64_t begin, int64_t end, double* acc) {
+  if (a.act == kRelu) step_bwd_t<D, true>(a, begin, end, acc);
+  else step_bwd_t<D, false>(a, begin, end, acc);
+}
+
+static void k_cd_step_bwd(const PointArgs& a, int64_t begin, int64_t end, double* acc) {
+  if (a.dtype == kF32) step_bwd_d<F32>(a, begin, end, acc);
+  else if (a.dtype == kF16) step_bwd_d<F16>(a, begin, end, acc);
+  else step_bwd_d<BF16>(a, begin, end, acc);
+}
+
+// -- cd_smooth --------------------------------------------------------------------------------
+template <int ACT, bool PS>
+static inline void smooth_fwd_acc(float* __restrict acc, const float* __restrict xb,
+                                  const float* __restrict eps, const float* __restrict sig,
+                                  float sc, int len) {
+  for (int i = 0; i < len; ++i) {
+    const float s = PS ? sig[i] : sc;
+    acc[i] += act_fwd<ACT>(xb[i] + s * eps[i]);
+  }
+}
+
+template <class D, int ACT>
+static void smooth_fwd_t(const PointArgs& a, int64_t begin, int64_t end) {
+  alignas(64) float eps[TILE];
+  alignas(64) float sig[TILE];
+  alignas(64) float xb[TILE];
+  alignas(64) float acc[TILE];
+  using T = typename D::T;
+  const T* x = static_cast<const T*>(a.x);
+  T* y = static_cast<T*>(a.y);
+  const float K = (float)a.samples;
+  for (int64_t p0 = begin; p0 < end; p0 += TILE) {
+    const int len = (int)(end - p0 < TILE ? end - p0 : TILE);
+    const T* xx = x + p0;
+    for (int i = 0; i < len; ++i) { xb[i] = D::ld(xx, i); acc[i] = 0.0f; }
+    float sc = 0.0f;
+    const bool uni = tile_sigma(a, p0, len, sig, &sc);
+    for (int64_t k = 0; k < a.samples; ++k) {
+      gen_normals(eps, a.seed, a.offset + (uint64_t)(p0 / 4), (len + 3) / 4, (uint32_t)k);
+      if (uni) smooth_fwd_acc<ACT, false>(acc, xb, eps, sig, sc, len);
+      else smooth_fwd_acc<ACT, true>(acc, xb, eps, sig, sc, len);
+    }
+    T* o = y + p0;
+    for (int i = 0; i < len; ++i) D::st(o, i, acc[i] / K);
+  }
+}
+
+template <int ACT, bool PS, bool GS>
+static inline void smooth_bwd_acc(float* __restrict dx, float* __restrict ds,
+                                  const float* __restrict xb, const float* __restrict eps,
+                                  const float* __restrict sig, float sc, int len) {
+  for (int i = 0; i < len; ++i) {
+    const float s = PS ? sig[i] : sc;
+    const float d = act_grad<ACT>(xb[i] + s * eps[i]);
+    dx[i] += d;
+    if (GS) ds[i] += d * eps[i];
+  }
+}
+
+template <class D, int ACT>
+static void smooth_bwd_t(const PointArgs& a, int64_t begin, int64_t end, double* accs) {
+  alignas(64) float eps[TILE];
+  alignas(64) float sig[TILE];
+  alignas(64) float xb[TILE];
+  alignas(64) float dx[TILE];
+  alignas(64) float ds[TILE];
+  using T = typename D::T;
+  const T* x = static_cast<const T*>(a.x);
+  const T* gy = static_cast<const T*>(a.gy);
+  T* gx = static_cast<T*>(a.gx);
+  const float K = (float)a.samples;
+  const bool gs = a.want_gsigma;
+  for (int64_t p0 = begin; p0 < end; p0 += TILE) {
+    const int len = (int)(end - p0 < TILE ? end - p0 : TILE);
+    const T* xx = x + p0;
+    for (int i = 0; i < len; ++i) { xb[i] = D::ld(xx, i); dx[i] = 0.0f; ds[i] = 0.0f; }
+    float sc = 0.0f;
+    const bool uni = tile_sigma(a, p0, len, sig, &sc);
+    for (int64_t k = 0; k < a.samples; ++k) {
+      gen_normals(eps, a.seed, a.offset + (uint64_t)(p0 / 4), (len + 3) / 4, (uint32_t)k);
+      if (uni) {
+        if (gs) smooth_bwd_acc<ACT, false, true>(dx, ds, xb, eps, sig, sc, len);
+        else smooth_bwd_acc<ACT, false, false>(dx, ds, xb, eps, sig, sc, len);
+      } else {
+        if (gs) smooth_bwd_acc<ACT, true, true>(dx, ds, xb, eps, sig, sc, len);
+        else smooth_bwd_acc<ACT, true, false>(dx, ds, xb, eps, sig, sc, len);
+      }
+    }
+    const T* g = gy + p0;
+    T* o = gx + p0;
+    for (int i = 0; i < len; ++i) {
+      const float gi = D::ld(g, i);
+      D::st(o, i, gi * dx[i] / K);
+      ds[i] = gi * ds[i] / K;
+    }
+    if (gs) accum_channels(accs, ds, p0, len, a.C, a.chan_stride);
+  }
+}
+
+template <class D>
+static void smooth_fwd_d(const PointArgs& a, int64_t begin, int64_t end) {
+  switch (a.act) {
+    case kRelu: smooth_fwd_t<D, kRelu>(a, begin, end); break;
+    case kGelu: smooth_fwd_t<D, kGelu>(a, begin, end); break;
+    case kTanh: smooth_fwd_t<D, kTanh>(a, begin, end); break;
+    case kSigmoid: smooth_fwd_t<D, kSigmoid>(a, begin, end); break;
+    case kSoftplus: smooth_fwd_t<D, kSoftplus>(a, begin, end); break;
+    default: smooth_fwd_t<D, kNone>(a, begin, end); break;
+  }
+}
+
+template <class D>
+static void smooth_bwd_d(const PointArgs& a, int64_t begin, int64_t end, double* acc) {
+  switch (a.act) {
+    case kRelu: smooth_bwd_t<D, kRelu>(a, begin, end, acc); break;
+    case kGelu: smooth_bwd_t<D, kGelu>(a, begin, end, acc); break;
+    case kTanh: smooth_bwd_t<D, kTanh>(a, begin, end, acc); break;
+    case kSigmoid: smooth_bwd_t<D, kSigmoid>(a, begin, end, acc); break;
+    case kSoftplus: smooth_bwd_t<D, kSoftplus>(a, begin, end, acc); break;
+    default: smooth_bwd_t<D, kNone>(a, begin, end, acc); break;
+  }
+}
+
+static void k_cd_smooth_fwd(const PointArgs& a, int64_t begin, int64_t end) {
+  if (a.dtype == kF32) smooth_fwd_d<F32>(a, begin, end);
+  else if (a.dtype == kF16) smooth_fwd_d<F16>(a, begin, end);
+  else smooth_fwd_d<BF16>(a, begin, end);
+}
+
+static void k_cd_smooth_bwd(const PointArgs& a, int64_t begin, int64_t end, double* acc) {
+  if (a.dtype == kF32) smooth_bwd_d<F32>(a, begin, end, acc);
+  else if (a.dtype == kF16) smooth_bwd_d<F16>(a, begin, end, acc);
+  else smooth_bwd_d<BF16>(a, begin, end, acc);
+}
+
+// -- ensemble_mean ----------------------------------------------------------------------------
+template <class D>
+static inline void load_row(float* __restrict dst, const typename D::T* __restrict src,
+                            int64_t C) {
+  for (int64_t c = 0; c < C; ++c) dst[c] = D::ld(src, c);
+}
+
+// log-sum-exp of z[0..C)
+static inline float row_lse(const float* __restrict z, int64_t C) {
+  float mp[16];
+  for (int j = 0; j < 16; ++j) mp[j] = -__builtin_inff();
+  int64_t c = 0;
+  for (; c + 16 <= C; c += 16)
+    for (int j = 0; j < 16; ++j) mp[j] = z[c + j] > mp[j] ? z[c + j] : mp[j];
+  float m = -__builtin_inff();
+  for (int j = 0; j < 16; ++j) m = mp[j] > m ? mp[j] : m;
+  for (; c < C; ++c) m = z[c] > m ? z[c] : m;
+  float sp[16];
+  for (int j = 0; j < 16; ++j) sp[j] = 0.0f;
+  c = 0;
+  for (; c + 16 <= C; c += 16)
+    for (int j = 0; j < 16; ++j) sp[j] += exp_f(z[c + j] - m);
+  float s = 0.0f;
+  for (int j = 0; j < 16; ++j) s += sp[j];
+  for (; c < C; ++c) s += exp_f(z[c] - m);
+  return m + log_f(s);
+}
+
+static inline float dot_f(const float* __restrict a, const float* __restrict b, int64_t C) {
+  float sp[16];
+  for (int j = 0; j < 16; ++j) sp[j] = 0.0f;
+  int64_t c = 0;
+  for (; c + 16 <= C; c += 16)
+    for (int j = 0; j < 16; ++j) sp[j] += a[c + j] * b[c + j];
+  float s = 0.0f;
+  for (int j = 0; j < 16; ++j) s += sp[j];
+  for (; c < C; ++c) s += a[c] * b[c];
+  return s;
+}
+
+// The float32 log of the mean probability of row b: res[c] = log((1/K) sum_k softmax(z_k)_c),
+// via a log-sum-exp over k (two passes). Scratch: z, mx, acc [C], lse [K]; res may alias acc.
+template <class D>
+static void logprob_row(const typename D::T* inp, int64_t b, int64_t K, int64_t B, int64_t C,
+                        float* __restrict z, float* __restrict mx, float* acc, float* lse,
+                        float* res) {
+  const float logK = (float)__builtin_log((double)K);
+  for (int64_t c = 0; c < C; ++c) { mx[c] = -__builtin_inff(); acc[c] = 0.0f; }
+  for (int64_t k = 0; k < K; ++k) {
+    load_row<D>(z, inp + (k * B + b) * C, C);
+    const float l = row_lse(z, C);
+    lse[k] = l;
+    for (int64_t c = 0; c < C; ++c) {
+      const float v = z[c] - l;
+      mx[c] = v > mx[c] ? v : mx[c];
+    }
+  }
+  for (int64_t k = 0; k < K; ++k) {
+    load_row<D>(z, inp + (k * B + b) * C, C);
+    const float l = lse[k];
+    for (int64_t c = 0; c < C; ++c) {
+      const float m = mx[c] == -__builtin_inff() ? 0.0f : mx[c];
+      acc[c] += exp_f((z[c] - l) - m);
+    }
+  }
+  for (int64_t c = 0; c < C; ++c) {
+    const float r = mx[c] + log_f(acc[c]) - logK;
+    res[c] = mx[c] == -__builtin_inff() ? -__builtin_inff() : r;
+  }
+}
+
+// scratch: 5*C + K floats
+template <class D>
+static void ens_fwd_t(const EnsArgs& a, int64_t b0, int64_t b1, float* scratch) {
+  using T = typename D::T;
+  const int64_t K = a.K, B = a.B, C = a.C;
+  const T* inp = static_cast<const T*>(a.inp);
+  T* out = static_cast<T*>(a.out);
+  float* __restrict z = scratch;
+  float* __restrict acc = z + C;
+  float* __restrict mx = acc + C;
+  float* __restrict lse = mx + C;
+  const float Kf = (float)K;
+  for (int64_t b = b0; b < b1; ++b) {
+    T* o = out + b * C;
+    for (int64_t c = 0; c < C; ++c) acc[c] = 0.0f;
+    if (a.space == kLogit) {
+      for (int64_t k = 0; k < K; ++k) {
+        const T* row = inp + (k * B + b) * C;
+        for (int64_t c = 0; c < C; ++c) acc[c] += D::ld(row, c);
+      }
+      for (int64_t c = 0; c < C; ++c) D::st(o, c, acc[c] / Kf);
+    } else if (a.space == kProb) {
+      for (int64_t k = 0; k < K; ++k) {
+        load_row<D>(z, inp + (k * B + b) * C, C);
+        const float l = row_lse(z, C);
+        for (int64_t c = 0; c < C; ++c) acc[c] += exp_f(z[c] - l);
+      }
+      for (int64_t c = 0; c < C; ++c) D::st(o, c, acc[c] / Kf);
+    } else {  // logprob
+      logprob_row<D>(inp, b, K, B, C, z, mx, acc, lse, acc);
+      for (int64_t c = 0; c < C; ++c) D::st(o, c, acc[c]);
+    }
+  }
+}
+
+template <class D>
+static void ens_bwd_t(const EnsArgs& a, int64_t b0, int64_t b1, float* scratch) {
+  using T = typename D::T;
+  const int64_t K = a.K, B = a.B, C = a.C;
+  const T* inp = static_cast<const T*>(a.inp);
+  const T* gout = static_cast<const T*>(a.gout);
+  const T* outv = static_cast<const T*>(a.outv);
+  T* gin = static_cast<T*>(a.gin);
+  float* __restrict z = scratch;
+  float* __restrict p = z + C;
+  float* __restrict g = p + C;
+  float* __restrict ov = g + C;
+  float* __restrict q = ov + C;
+  const float Kf = (float)K;
+  for (int64_t b = b0; b < b1; ++b) {
+    load_row<D>(g, gout + b * C, C);
+    if (a.space == kLogit) {
+      for (int64_t c = 0; c < C; ++c) g[c] = g[c] / Kf;
+      for (int64_t k = 0; k < K; ++k) {
+        T* o = gin + (k * B + b) * C;
+        for (int64_t c = 0; c < C; ++c) D::st(o, c, g[c]);
+      }
+      continue;
+    }
+    if (a.space == kLogprob) {
+      // float32 `out` is what the forward stored; a 16-bit `out` is rounded (|out| ~ 10 in
+      // float16 carries ~5e-3 absolute error, which exp() turns into a 0.5 % gradient error),
+      // so recompute it in float32 from the input instead.
+      if (a.dtype == kF32) load_row<D>(ov, outv + b * C, C);
+      else logprob_row<D>(inp, b, K, B, C, z, q, p, q + C, ov);
+    }
+    for (int64_t k = 0; k < K; ++k) {
+      load_row<D>(z, inp + (k * B + b) * C, C);
+      T* o = gin + (k * B + b) * C;
+      const float l = row_lse(z, C);
+      for (int64_t c = 0; c < C; ++c) p[c] = exp_f(z[c] - l);
+      if (a.space == kProb) {
+        const float dot = dot_f(g, p, C);
+        for (int64_t c = 0; c < C; ++c) D::st(o, c, p[c] * (g[c] - dot) / Kf);
+      } else {
+        for (int64_t c = 0; c < C; ++c) q[c] = g[c] * exp_f(z[c] - l - ov[c]);
+        float sp[16];
+        for (int j = 0; j < 16; ++j) sp[j] = 0.0f;
+        int64_t c = 0;
+        for (; c + 16 <= C; c += 16)
+          for (int j = 0; j < 16; ++j) sp[j] += q[c + j];
+        float sq = 0.0f;
+        for (int j = 0; j < 16; ++j) sq += sp[j];
+        for (; c < C; ++c) sq += q[c];
+        for (c = 0; c < C; ++c) D::st(o, c, (q[c] - p[c] * sq) / Kf);
+      }
+    }
+  }
+}
+
+static void k_ens_fwd(const EnsArgs& a, int64_t b0, int64_t b1, float* scratch) {
+  if (a.dtype == kF32) ens_fwd_t<F32>(a, b0, b1, scratch);
+  else if (a.dtype == kF16) ens_fwd_t<F16>(a, b0, b1, scratch);
+  else ens_fwd_t<BF16>(a, b0, b1, scratch);
+}
+
+static void k_ens_bwd(const EnsArgs& a, int64_t b0, int64_t b1, float* scratch) {
+  if (a.dtype == kF32) ens_bwd_t<F32>(a, b0, b1, scratch);
+  else if (a.dtype == kF16) ens_bwd_t<F16>(a, b0, b1, scratch);
+  else ens_bwd_t<BF16>(a, b0, b1, scratch);
+}
+
+static const KernelTable table = {
+    CDK_ISA_NAME,   k_philox_words, k_uniform,       k_normal,  k_cd_step_fwd,
+    k_cd_step_bwd,  k_cd_smooth_fwd, k_cd_smooth_bwd, k_ens_fwd, k_ens_bwd,
+};
+
+}  // namespace CDK_ISA_NS
