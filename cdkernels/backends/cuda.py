@@ -1,0 +1,161 @@
+"""CUDA backend: the raw CUDA C++ kernels of csrc/cuda, reached through ``cdkernels._C``.
+
+The extension takes raw device pointers (``tensor.data_ptr()``, 0 for an absent tensor), sizes,
+dtype/activation/space codes, the device index and the current stream as an integer; it never
+sees a torch tensor and never reads the seed on the host (the kernels read it from device
+memory, so CUDA-graph replays pick up new seeds). Launches are asynchronous on
+``torch.cuda.current_stream(device)``.
+
+Importing this module never raises; ``availability()`` says why the backend cannot run.
+"""
+from __future__ import annotations
+
+from typing import Optional, Tuple
+
+import torch
+
+from .base import Backend, Tensor
+
+_DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_STEP_ACT_CODE = {"none": 0, "relu": 1}
+_ACT_CODE = {"none": 0, "relu": 1, "gelu": 2, "tanh": 3, "sigmoid": 4, "softplus": 5}
+_SPACE_CODE = {"prob": 0, "logit": 1, "logprob": 2}
+
+_REQUIRED = ("cuda_device_count", "cuda_philox_words", "cuda_uniform", "cuda_normal",
+             "cuda_cd_step_fwd", "cuda_cd_step_bwd", "cuda_cd_smooth_fwd", "cuda_cd_smooth_bwd",
+             "cuda_ensemble_mean_fwd", "cuda_ensemble_mean_bwd")
+
+
+def _load_ext():
+    """(module, "") or (None, reason)."""
+    try:
+        from cdkernels import _C  # noqa: PLC0415 (lazy: a missing build must not break import)
+    except Exception as e:  # ImportError, or a broken/mismatched shared object
+        return None, f"cdkernels._C failed to import ({type(e).__name__}: {e})"
+    if not getattr(_C, "with_cuda", False):
+        return None, "cdkernels._C was built without CUDA (no nvcc at build time, or disabled)"
+    missing = [f for f in _REQUIRED if not hasattr(_C, f)]
+    if missing:
+        return None, f"cdkernels._C lacks {', '.join(missing)} (stale build?)"
+    return _C, ""
+
+
+def _code(table, key, what):
+    try:
+        return table[key]
+    except KeyError:
+        raise ValueError(f"cdkernels cuda backend: unsupported {what} {key!r}") from None
+
+
+def _ptr(t: Optional[Tensor]) -> int:
+    return 0 if t is None else t.data_ptr()
+
+
+def _dev_stream(t: Tensor) -> Tuple[int, int]:
+    dev = t.device
+    index = dev.index if dev.index is not None else torch.cuda.current_device()
+    return index, torch.cuda.current_stream(dev).cuda_stream
+
+
+class CudaBackend(Backend):
+    name = "cuda"
+
+    def __init__(self):
+        self._C, self._why = _load_ext()
+
+    # -- availability -------------------------------------------------------------------------
+    def availability(self) -> Tuple[bool, str]:
+        if self._C is None:
+            return False, self._why
+        try:
+            if not torch.cuda.is_available():
+                return False, "torch.cuda.is_available() is False"
+            n_torch = torch.cuda.device_count()
+            n_ext = int(self._C.cuda_device_count())
+        except Exception as e:
+            return False, f"CUDA query failed ({type(e).__name__}: {e})"
+        if n_torch == 0 or n_ext == 0:
+            return False, (f"no CUDA device visible (torch sees {n_torch}, the extension's CUDA "
+                           f"runtime sees {n_ext}: driver too old or missing?)")
+        rt = getattr(self._C, "cuda_runtime_version", lambda: 0)()
+        drv = getattr(self._C, "cuda_driver_version", lambda: 0)()
+        return True, (f"raw CUDA kernels (built with CUDA runtime {rt // 1000}.{rt % 1000 // 10}, "
+                      f"driver {drv // 1000}.{drv % 1000 // 10}, {n_ext} device(s))")
+
+    def supports(self, device: torch.device) -> bool:
+        return torch.device(device).type == "cuda"
+
+    # -- noise stream -------------------------------------------------------------------------
+    def philox_words(self, out: Tensor, seed: Tensor, offset: int, sample: int) -> None:
+        dev, st = _dev_stream(out)
+        self._C.cuda_philox_words(dev, st, out.data_ptr(), out.numel(), seed.data_ptr(),
+                                  int(offset), int(sample))
+
+    def uniform(self, out: Tensor, seed: Tensor, offset: int, sample: int) -> None:
+        dev, st = _dev_stream(out)
+        self._C.cuda_uniform(dev, st, out.data_ptr(), out.numel(), seed.data_ptr(), int(offset),
+                             int(sample))
+
+    def normal(self, out: Tensor, seed: Tensor, offset: int, sample: int) -> None:
+        dev, st = _dev_stream(out)
+        self._C.cuda_normal(dev, st, _code(_DTYPE_CODE, out.dtype, "dtype"), out.data_ptr(),
+                            out.numel(), seed.data_ptr(), int(offset), int(sample))
+
+    # -- cd_step ------------------------------------------------------------------------------
+    def cd_step_fwd(self, x, f, y, dt, sigma, sigma_value, C, chan_stride, seed, offset, act):
+        dev, st = _dev_stream(x)
+        self._C.cuda_cd_step_fwd(dev, st, _code(_DTYPE_CODE, x.dtype, "dtype"), x.numel(),
+                                 x.data_ptr(), f.data_ptr(), y.data_ptr(), float(dt),
+                                 _ptr(sigma), float(sigma_value), int(C), int(chan_stride),
+                                 seed.data_ptr(), int(offset),
+                                 _code(_STEP_ACT_CODE, act, "cd_step activation"))
+
+    def cd_step_bwd(self, grad_y, y, grad_x, grad_f, grad_sigma, dt, sigma, sigma_value, C,
+                    chan_stride, seed, offset, act):
+        dev, st = _dev_stream(grad_y)
+        self._C.cuda_cd_step_bwd(dev, st, _code(_DTYPE_CODE, grad_y.dtype, "dtype"),
+                                 grad_y.numel(), grad_y.data_ptr(), _ptr(y), _ptr(grad_x),
+                                 _ptr(grad_f), _ptr(grad_sigma), float(dt), int(C),
+                                 int(chan_stride), seed.data_ptr(), int(offset),
+                                 _code(_STEP_ACT_CODE, act, "cd_step activation"))
+
+    # -- cd_smooth ----------------------------------------------------------------------------
+    def cd_smooth_fwd(self, x, y, sigma, sigma_value, C, chan_stride, samples, seed, offset, act):
+        dev, st = _dev_stream(x)
+        self._C.cuda_cd_smooth_fwd(dev, st, _code(_DTYPE_CODE, x.dtype, "dtype"), x.numel(),
+                                   x.data_ptr(), y.data_ptr(), _ptr(sigma), float(sigma_value),
+                                   int(C), int(chan_stride), int(samples), seed.data_ptr(),
+                                   int(offset), _code(_ACT_CODE, act, "activation"))
+
+    def cd_smooth_bwd(self, grad_y, x, grad_x, grad_sigma, sigma, sigma_value, C, chan_stride,
+                      samples, seed, offset, act):
+        dev, st = _dev_stream(x)
+        self._C.cuda_cd_smooth_bwd(dev, st, _code(_DTYPE_CODE, x.dtype, "dtype"), x.numel(),
+                                   grad_y.data_ptr(), x.data_ptr(), grad_x.data_ptr(),
+                                   _ptr(grad_sigma), _ptr(sigma), float(sigma_value), int(C),
+                                   int(chan_stride), int(samples), seed.data_ptr(), int(offset),
+                                   _code(_ACT_CODE, act, "activation"))
+
+    # -- ensemble_mean ------------------------------------------------------------------------
+    @staticmethod
+    def _kbc(inp: Tensor) -> Tuple[int, int, int]:
+        """(K, B, C) of inp [K, B, C] (leading dim K, softmax over the last dim)."""
+        K = inp.shape[0] if inp.dim() >= 1 else 1
+        C = inp.shape[-1] if inp.dim() >= 2 else 1
+        B = inp.numel() // (K * C) if K * C > 0 else 0
+        return K, B, C
+
+    def ensemble_mean_fwd(self, inp, out, space):
+        K, B, C = self._kbc(inp)
+        dev, st = _dev_stream(inp)
+        self._C.cuda_ensemble_mean_fwd(dev, st, _code(_DTYPE_CODE, inp.dtype, "dtype"),
+                                       inp.data_ptr(), out.data_ptr(), K, B, C,
+                                       _code(_SPACE_CODE, space, "space"))
+
+    def ensemble_mean_bwd(self, grad_out, inp, out, grad_in, space):
+        K, B, C = self._kbc(inp)
+        dev, st = _dev_stream(inp)
+        self._C.cuda_ensemble_mean_bwd(dev, st, _code(_DTYPE_CODE, inp.dtype, "dtype"),
+                                       grad_out.data_ptr(), inp.data_ptr(), _ptr(out),
+                                       grad_in.data_ptr(), K, B, C,
+                                       _code(_SPACE_CODE, space, "space"))
