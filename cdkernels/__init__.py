@@ -9,9 +9,9 @@ from .cd_smooth import cd_smooth
 from .cd_step import cd_step
 from .ensemble_mean import ensemble_mean
 from .noise import normal, philox_words, uniform
-from . import nn  # noqa: E402  (cdkernels.nn.CDStep, MonteCarlo)
+from . import nn  # noqa: F401  (cdkernels.nn.CDStep, cdkernels.nn.MonteCarlo)
 
 __version__ = "0.1.0"
 
-__all__ = ["cd_step", "cd_smooth", "ensemble_mean", "normal", "uniform", "philox_words", "backends", "use_backend",
-           "get_backend", "__version__"]
+__all__ = ["cd_step", "cd_smooth", "ensemble_mean", "normal", "uniform", "philox_words",
+           "backends", "use_backend", "get_backend", "nn", "__version__"]

@@ -27,8 +27,8 @@ def _run_fwd(x, f, dt, sigma_value, sigma, seed, offset, activation, backend):
     fd = C.like(f, y)
     ch, cs = C.channel_map(y, sigma)
     get_backend(x.device, x.dtype, backend or None).cd_step_fwd(
-        C.flat(xd), C.flat(fd), C.flat(y), dt, C.sigma_for_kernel(sigma, x.dtype), sigma_value, ch, cs,
-        seed, offset, activation)
+        C.flat(xd), C.flat(fd), C.flat(y), dt, C.sigma_for_kernel(sigma, x.dtype), sigma_value,
+        ch, cs, seed, offset, activation)
     return y
 
 
@@ -61,8 +61,8 @@ def cd_step_backward_op(grad_y: Tensor, y: Optional[Tensor], dt: float, sigma_va
         get_backend(grad_y.device, grad_y.dtype, backend or None).cd_step_bwd(
             C.flat(g), None if y is None else C.flat(y),
             C.flat(grad_x) if need_inputs else None, C.flat(grad_f) if need_inputs else None,
-            gsig if need_sigma else None, dt, C.sigma_for_kernel(sigma, grad_y.dtype), sigma_value, ch, cs, seed,
-            offset, activation)
+            gsig if need_sigma else None, dt, C.sigma_for_kernel(sigma, grad_y.dtype),
+            sigma_value, ch, cs, seed, offset, activation)
     return grad_x, grad_f, gsig
 
 

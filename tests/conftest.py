@@ -9,7 +9,6 @@ import os
 import pytest
 import torch
 
-import cdkernels
 from cdkernels.backends import _load
 
 REQUIRED = {b.strip() for b in os.environ.get("CDK_REQUIRE_BACKENDS", "").split(",") if b.strip()}

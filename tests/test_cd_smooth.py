@@ -142,8 +142,11 @@ def test_memory_does_not_grow_with_k(native):
     script measures peak allocation on the device."""
     name, dev = native
     if dev != "cpu":
-        pytest.skip("peak RSS is a CPU measurement")
-    n = 1 << 22 if name == "cpu" else 1 << 16  # 16 MB (interpreted Triton is slow: 256 KB)
+        pytest.skip("peak RSS is a CPU measurement (tests/test_cuda.py measures the GPU)")
+    if name == "triton":
+        pytest.skip("the Triton interpreter's own numpy temporaries dominate RSS; Triton's "
+                    "memory is measured on the GPU in tests/test_cuda.py")
+    n = 1 << 22  # 16 MB
     mb = n * 4 / 2 ** 20
     m1, m64 = _peak_rss_mb(name, 1, n), _peak_rss_mb(name, 64, n)
     assert m64 <= m1 + 0.5 * mb + 8, (m1, m64, mb)

@@ -182,7 +182,8 @@ def test_empty_tensor():
     y = cdkernels.cd_step(x, torch.empty(0, 3, 4), 0.1, 1.0)
     assert y.shape == (0, 3, 4)
     xr = torch.empty(0, 3, requires_grad=True)
-    cdkernels.cd_step(xr, torch.empty(0, 3), 0.1, torch.ones(3, requires_grad=True)).sum().backward()
+    sig = torch.ones(3, requires_grad=True)
+    cdkernels.cd_step(xr, torch.empty(0, 3), 0.1, sig).sum().backward()
     assert xr.grad.shape == (0, 3)
 
 
