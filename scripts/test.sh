@@ -4,5 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export TRITON_INTERPRET=1            # Triton kernels run on CPU tensors (slowly)
-export CDK_REQUIRE_BACKENDS=${CDK_REQUIRE_BACKENDS:-cpu,triton}
+export CDK_REQUIRE_BACKENDS=${CDK_REQUIRE_BACKENDS:-cpu,triton,cuda-emulated}
 exec python3 -m pytest -q tests "$@"

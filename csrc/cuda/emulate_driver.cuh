@@ -4,6 +4,8 @@
 //   g++ -std=c++17 -O2 -fPIC -shared -ffp-contract=off -DCDK_EMULATE -x c++
 //       -Icsrc -Icsrc/cuda -I$CUDA_HOME/include csrc/cuda/emulate_driver.cuh -o libcdk_emu.so
 // then call emu_* through ctypes on CPU tensors and compare with ReferenceBackend.
+// tests/test_cuda_emulated.py does exactly that (at -O1, the fastest overall); keep the emu_*
+// signatures in sync with the argtypes there.
 #include "emulate.cuh"
 #include "noise.cu"
 #include "cd_step.cu"
