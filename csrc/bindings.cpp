@@ -15,6 +15,10 @@
 
 #include "cpu/kernels.h"
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 #ifdef CDK_WITH_CUDA
 void cdk_register_cuda(pybind11::module_& m);
 #endif
@@ -84,8 +88,30 @@ const char* compiler_string() {
 
 }  // namespace
 
+// A fresh multi-MB output is first touched by our kernel. With 4 KB pages that is one page
+// fault per 4 KB: on the 2-core dev VM about 20 ms for a 64 MB output, twice the time of the
+// cd_step kernel itself. Advising transparent huge pages for the 2 MB-aligned interior cuts the
+// faults 512-fold (measured 30.8 -> 13.6 ms for a 16M-element cd_step). Advisory only: where
+// THP is off or the call fails, nothing changes.
+void advise_huge_pages(uintptr_t ptr, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t huge = (uintptr_t)2 << 20;
+  if (bytes < (int64_t)(4 * huge)) return;
+  const uintptr_t begin = (ptr + huge - 1) & ~(huge - 1);
+  const uintptr_t end = (ptr + (uintptr_t)bytes) & ~(huge - 1);
+  if (end > begin) (void)madvise((void*)begin, end - begin, MADV_HUGEPAGE);
+#else
+  (void)ptr;
+  (void)bytes;
+#endif
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "cdkernels compiled kernels (CPU backend; CUDA backend when built with nvcc)";
+
+  m.def("advise_huge_pages", &advise_huge_pages, py::arg("ptr"), py::arg("bytes"),
+        "Advise transparent huge pages for the 2 MB-aligned interior of an output buffer "
+        "(Linux; no-op below 8 MB or elsewhere).");
 
   m.def("cpu_simd_level", []() { return std::string(simd_level()); },
         "The SIMD level the CPU kernels use: 'baseline', 'avx2' or 'avx512'.");

@@ -42,6 +42,17 @@ def _seed_ptr(seed: Tensor) -> int:
     return seed.data_ptr()
 
 
+def _out(t: Optional[Tensor]) -> int:
+    """Pointer of an output buffer, advised to use huge pages when large (see bindings.cpp:
+    first-touch page faults otherwise cost more than the kernel)."""
+    if t is None:
+        return 0
+    nbytes = t.numel() * t.element_size()
+    if nbytes >= (8 << 20):
+        _C.advise_huge_pages(t.data_ptr(), nbytes)
+    return t.data_ptr()
+
+
 def _nthreads() -> int:
     return max(1, torch.get_num_threads())
 
@@ -69,18 +80,18 @@ class CpuBackend(Backend):
                    _nthreads())
 
     def normal(self, out, seed, offset, sample):
-        _C.normal(out.data_ptr(), out.numel(), _code(out), _seed_ptr(seed), int(offset),
+        _C.normal(_out(out), out.numel(), _code(out), _seed_ptr(seed), int(offset),
                   int(sample), _nthreads())
 
     # -- cd_step ----------------------------------------------------------------------------
     def cd_step_fwd(self, x, f, y, dt, sigma, sigma_value, C, chan_stride, seed, offset, act):
-        _C.cd_step_fwd(x.data_ptr(), f.data_ptr(), y.data_ptr(), x.numel(), _code(x),
+        _C.cd_step_fwd(x.data_ptr(), f.data_ptr(), _out(y), x.numel(), _code(x),
                        float(dt), _ptr(sigma), float(sigma_value), int(C), int(chan_stride),
                        _seed_ptr(seed), int(offset), act, _nthreads())
 
     def cd_step_bwd(self, grad_y, y, grad_x, grad_f, grad_sigma, dt, sigma, sigma_value, C,
                     chan_stride, seed, offset, act):
-        _C.cd_step_bwd(grad_y.data_ptr(), _ptr(y), _ptr(grad_x), _ptr(grad_f),
+        _C.cd_step_bwd(grad_y.data_ptr(), _ptr(y), _out(grad_x), _out(grad_f),
                        _ptr(grad_sigma), grad_y.numel(), _code(grad_y), float(dt), _ptr(sigma),
                        float(sigma_value), int(C), int(chan_stride), _seed_ptr(seed),
                        int(offset), act, _nthreads())
@@ -88,13 +99,13 @@ class CpuBackend(Backend):
     # -- cd_smooth --------------------------------------------------------------------------
     def cd_smooth_fwd(self, x, y, sigma, sigma_value, C, chan_stride, samples, seed, offset,
                       act):
-        _C.cd_smooth_fwd(x.data_ptr(), y.data_ptr(), x.numel(), _code(x), _ptr(sigma),
+        _C.cd_smooth_fwd(x.data_ptr(), _out(y), x.numel(), _code(x), _ptr(sigma),
                          float(sigma_value), int(C), int(chan_stride), int(samples),
                          _seed_ptr(seed), int(offset), act, _nthreads())
 
     def cd_smooth_bwd(self, grad_y, x, grad_x, grad_sigma, sigma, sigma_value, C, chan_stride,
                       samples, seed, offset, act):
-        _C.cd_smooth_bwd(grad_y.data_ptr(), x.data_ptr(), grad_x.data_ptr(), _ptr(grad_sigma),
+        _C.cd_smooth_bwd(grad_y.data_ptr(), x.data_ptr(), _out(grad_x), _ptr(grad_sigma),
                          x.numel(), _code(x), _ptr(sigma), float(sigma_value), int(C),
                          int(chan_stride), int(samples), _seed_ptr(seed), int(offset), act,
                          _nthreads())
@@ -112,4 +123,4 @@ class CpuBackend(Backend):
         if inp.numel() == 0:
             return
         _C.ensemble_mean_bwd(grad_out.data_ptr(), inp.data_ptr(), out.data_ptr(),
-                             grad_in.data_ptr(), K, B, C, _code(inp), space, _nthreads())
+                             _out(grad_in), K, B, C, _code(inp), space, _nthreads())
