@@ -40,7 +40,9 @@ CKPT_FORMAT = "cdkernels-train/1"
 CONFIG_KEYS = ("model", "data", "epochs", "batch_size", "lr", "momentum", "nesterov",
                "weight_decay", "schedule", "warmup", "label_smoothing", "seed", "noise", "sigma",
                "dt", "learnable_sigma", "members", "width", "amp", "limit_train", "val_fraction",
-               "augment", "world_size")
+               "augment", "world_size", "adv_train", "adv_eps", "adv_steps", "adv_step_size",
+               "limit_eval")
+ADV_EPS_DEFAULT = {"cifar10": 8 / 255, "cifar100": 8 / 255, "fashion-mnist": 0.1, "digits": 0.1}
 
 
 class CLIError(Exception):
@@ -60,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--val-fraction", type=float, default=0.1, help="share of the training set held out "
       "for validation (fixed, seed-independent)")
     a("--limit-train", type=int, default=None, metavar="N", help="use only N training images")
+    a("--limit-eval", type=int, default=None, metavar="N", help="evaluate (and select on) only "
+      "the first N validation and N test images per epoch (quick runs)")
     a("--no-augment", dest="augment", action="store_false", help="no random crop / flip")
     a("--epochs", type=int, default=10)
     a("--batch-size", type=int, default=128, help="global batch size (split over ranks)")
@@ -86,6 +90,17 @@ def build_parser() -> argparse.ArgumentParser:
     a("--mc-samples", type=int, default=None, metavar="K", help="also evaluate the selected "
       "model by averaging K noise realisations (Monte-Carlo)")
     a("--eval-batch-size", type=int, default=1024)
+    a("--adv-train", choices=("pgd",), default=None, help="adversarial training (Madry et al.): "
+      "every batch is replaced by PGD examples (L-inf, random start) generated on the fly with "
+      "cdkernels.robust.pgd in pixel space [0, 1]. As in EnResNet, the model stays in TRAIN "
+      "mode while the examples are generated (noise on, batch-norm batch statistics; the "
+      "attack's forwards also update the BN running statistics); generation runs eagerly, "
+      "also with --cuda-graph (only the training step itself is captured)")
+    a("--eps", dest="adv_eps", default=None, metavar="EPS", help="--adv-train radius in pixel "
+      "units, e.g. 0.1 or 8/255 (default 8/255 for CIFAR, 0.1 for fashion-mnist and digits)")
+    a("--adv-steps", type=int, default=None, help="--adv-train PGD iterations (default 7)")
+    a("--adv-step-size", default=None, metavar="ALPHA", help="--adv-train PGD step (default "
+      "2.5*eps/steps)")
     a("--out", default=None, help="output folder (default runs/MODEL_DATA_seedS)")
     a("--resume", nargs="?", const="auto", default=None, metavar="CKPT",
       help="continue from CKPT (default OUT/checkpoint.pt)")
@@ -126,6 +141,8 @@ def validate(args) -> None:
         raise CLIError("--noise std needs --dt > 0")
     if not 0 <= args.val_fraction < 1:
         raise CLIError(f"--val-fraction must be in [0, 1), got {args.val_fraction}")
+    if args.limit_eval is not None and args.limit_eval < 1:
+        raise CLIError(f"--limit-eval must be >= 1, got {args.limit_eval}")
     if args.limit_train is not None and args.limit_train < 1:
         raise CLIError(f"--limit-train must be >= 1, got {args.limit_train}")
     if args.mc_samples is not None and args.mc_samples < 1:
@@ -148,6 +165,27 @@ def validate(args) -> None:
                        "with the host); use --amp bf16")
     if args.resume and args.overwrite:
         raise CLIError("--resume and --overwrite cannot be combined")
+    if args.adv_train is None and (args.adv_eps is not None or args.adv_steps is not None
+                                   or args.adv_step_size is not None):
+        raise CLIError("--eps / --adv-steps / --adv-step-size need --adv-train pgd")
+    if args.adv_train:
+        from .robust import parse_eps
+        try:
+            args.adv_eps = (ADV_EPS_DEFAULT[args.data] if args.adv_eps is None
+                            else parse_eps(str(args.adv_eps)))
+            if args.adv_step_size is not None:
+                args.adv_step_size = parse_eps(str(args.adv_step_size))
+        except ValueError as e:
+            raise CLIError(str(e)) from None
+        args.adv_steps = 7 if args.adv_steps is None else args.adv_steps
+        if not (math.isfinite(args.adv_eps) and args.adv_eps >= 0):
+            raise CLIError(f"--eps must be a finite number >= 0, got {args.adv_eps}")
+        if args.adv_steps < 1:
+            raise CLIError(f"--adv-steps must be >= 1, got {args.adv_steps}")
+        if args.adv_step_size is not None and not (math.isfinite(args.adv_step_size)
+                                                   and args.adv_step_size >= 0):
+            raise CLIError(f"--adv-step-size must be a finite number >= 0, got "
+                           f"{args.adv_step_size}")
     if args.stop_after is not None and args.stop_after < 1:
         raise CLIError("--stop-after must be >= 1")
     rank, world, local = _world()
@@ -436,6 +474,10 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
                   limit_train=args.limit_train)
     if not args.augment:
         data.pad, data.flip = 0, False
+    if args.limit_eval is not None:
+        n = args.limit_eval
+        data.val = D.Split(data.val.images[:n], data.val.labels[:n])
+        data.test = D.Split(data.test.images[:n], data.test.labels[:n])
     per_rank = args.batch_size // world
     if len(data.train) < args.batch_size:
         raise CLIError(f"--batch-size {args.batch_size} is larger than the training set "
@@ -508,6 +550,11 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
         train_model = torch.compile(train_model)
     eval_model = train_model if world == 1 else base
     crit = nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    # PGD examples come from the plain module (not the DDP / compiled wrapper: the attack's
+    # input-only backward must not trigger DDP's gradient reduction).
+    adv = _adv_maker(args, base, data, device) if getattr(args, "adv_train", None) else None
+    if adv is not None and resume_path and "adv" in ck["rng"][rank]:
+        adv.gen.set_state(ck["rng"][rank]["adv"])
 
     def step_eager(x, y, cache=True):
         with _autocast(device, args.amp, cache):
@@ -549,6 +596,8 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
         for bi, idx in enumerate(batches):
             idx = idx[rank * per_rank:(rank + 1) * per_rank]
             x, y = data.batch(data.train, idx, True, mf)
+            if adv is not None:
+                x = adv(x, y).contiguous(memory_format=mf)
             if args.cuda_graph and graph is None and warm_left == 0:
                 graph, static = _capture(train_model, opt, crit, x, y, device, args, side)
                 log("cuda-graph: captured forward + backward + SGD step; every replay draws "
@@ -598,6 +647,8 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
         rng = {"cpu": torch.get_rng_state(), "data": data_gen.get_state(),
                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda"
                else torch.zeros(0, dtype=torch.uint8)}
+        if adv is not None:
+            rng["adv"] = adv.gen.get_state()
         rngs = [rng]
         if world > 1:
             import torch.distributed as dist
@@ -653,6 +704,27 @@ def _run(args, rank: int, world: int, device: torch.device) -> dict:
             f"model {best['test_acc']:.4f}{mc}; {summary['time_s']:.1f}s; files in {out}",
             always=True)
     return {"summary": summary, "history": history, "model": base}
+
+
+def _adv_maker(args, train_model, data: D.ImageData, device):
+    """x (normalised) -> PGD examples (normalised) for --adv-train, with the model as it is
+    (train mode), in pixel space: un-normalise, attack with cdkernels.robust.pgd clipped to
+    [0, 1], normalise again. Random starts come from a generator seeded with --seed."""
+    from .robust import PixelModel, pgd
+    net = PixelModel(train_model, data.mean, data.std).to(device)
+    gen = torch.Generator(device=device).manual_seed(args.seed + 99991)
+    mean = data.mean.view(1, -1, 1, 1)
+    std = data.std.view(1, -1, 1, 1)
+
+    def make(x, y):
+        with _autocast(device, args.amp):
+            xp = (x.float() * std + mean).clamp(0, 1)
+            xa = pgd(net, xp, y, args.adv_eps, steps=args.adv_steps,
+                     step_size=args.adv_step_size, norm="linf", random_start=True,
+                     generator=gen)
+        return ((xa - mean) / std).to(x.dtype)
+    make.gen = gen
+    return make
 
 
 def _capture(train_model, opt: SGD, crit, x, y, device, args, side):
