@@ -1,8 +1,9 @@
 """Op benchmark: fused cdkernels ops vs eager PyTorch vs torch.compile vs a copy roofline.
 
 For each op/shape/dtype and each backend that runs on the device it prints the median time,
-the GB/s of the op's minimal memory traffic, that bandwidth as a % of a copy (copy_ into a preallocated buffer) measured
-in the same run, and the speedup over eager PyTorch and torch.compile of the same function.
+the GB/s of the op's minimal memory traffic, that bandwidth as a % of a copy (``copy_`` into a
+preallocated buffer) measured in the same run, and the speedup over eager PyTorch and
+torch.compile of the same function.
 
     python bench/bench_ops.py                     # CPU defaults (or GPU defaults on CUDA)
     python bench/bench_ops.py --device cuda --csv out.csv --png out.png
