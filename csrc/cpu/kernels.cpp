@@ -128,9 +128,11 @@ void parallel_for(int64_t n, int64_t align, int nt, F&& fn) {
   for (auto& x : th) x.join();
 }
 
-// How many threads are worth it for `work` element-operations.
+// How many threads are worth it for `work` element-operations. Threads are started per call
+// (no pool), which costs ~50 us on the dev VM: a 64K-element cd_step took 75 us on one thread
+// and 92 us on two, while 1M elements took 1220 us on one and 697 us on two.
 int threads_for(double work, int nthreads) {
-  const double min_work_per_thread = 32768.0;
+  const double min_work_per_thread = 262144.0;
   int nt = nthreads < 1 ? 1 : nthreads;
   const double cap = work / min_work_per_thread;
   if (cap < nt) nt = cap < 1.0 ? 1 : (int)cap;
