@@ -414,6 +414,37 @@ static inline float row_lse(const float* __restrict z, int64_t C) {
   return m + log_f(s);
 }
 
+// acc[c] += softmax(z)[c] with one exp per element: z is overwritten with exp(z - max), then
+// scaled by 1/sum (a separate log-sum-exp pass would cost a second exp per element).
+static inline void add_softmax(float* __restrict z, float* __restrict acc, int64_t C) {
+  float mp[16];
+  for (int j = 0; j < 16; ++j) mp[j] = -__builtin_inff();
+  int64_t c = 0;
+  for (; c + 16 <= C; c += 16)
+    for (int j = 0; j < 16; ++j) mp[j] = z[c + j] > mp[j] ? z[c + j] : mp[j];
+  float m = -__builtin_inff();
+  for (int j = 0; j < 16; ++j) m = mp[j] > m ? mp[j] : m;
+  for (; c < C; ++c) m = z[c] > m ? z[c] : m;
+  float sp[16];
+  for (int j = 0; j < 16; ++j) sp[j] = 0.0f;
+  c = 0;
+  for (; c + 16 <= C; c += 16)
+    for (int j = 0; j < 16; ++j) {
+      const float e = exp_f(z[c + j] - m);
+      z[c + j] = e;
+      sp[j] += e;
+    }
+  float s = 0.0f;
+  for (int j = 0; j < 16; ++j) s += sp[j];
+  for (; c < C; ++c) {
+    const float e = exp_f(z[c] - m);
+    z[c] = e;
+    s += e;
+  }
+  const float inv = 1.0f / s;
+  for (c = 0; c < C; ++c) acc[c] += z[c] * inv;
+}
+
 static inline float dot_f(const float* __restrict a, const float* __restrict b, int64_t C) {
   float sp[16];
   for (int j = 0; j < 16; ++j) sp[j] = 0.0f;
@@ -481,8 +512,7 @@ static void ens_fwd_t(const EnsArgs& a, int64_t b0, int64_t b1, float* scratch) 
     } else if (a.space == kProb) {
       for (int64_t k = 0; k < K; ++k) {
         load_row<D>(z, inp + (k * B + b) * C, C);
-        const float l = row_lse(z, C);
-        for (int64_t c = 0; c < C; ++c) acc[c] += exp_f(z[c] - l);
+        add_softmax(z, acc, C);
       }
       for (int64_t c = 0; c < C; ++c) D::st(o, c, acc[c] / Kf);
     } else {  // logprob
