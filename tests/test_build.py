@@ -9,7 +9,6 @@ import textwrap
 
 import pytest
 
-import cdkernels
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
