@@ -4,7 +4,8 @@ One residual block is one Euler–Maruyama step ``x + dt*F(x) + sigma*sqrt(dt)*e
 is generated inside the kernels from a documented Philox stream (docs/noise.md) and regenerated
 in backward instead of being stored.
 """
-from .backends import backends, get_backend, use_backend
+from . import backends  # the package is callable: cdkernels.backends() lists the backends
+from .backends import get_backend, use_backend
 from .cd_smooth import cd_smooth
 from .cd_step import cd_step
 from .ensemble_mean import ensemble_mean

@@ -22,7 +22,9 @@ from __future__ import annotations
 import contextlib
 import importlib
 import os
+import sys
 import threading
+import types
 import warnings
 from typing import Dict, List, Optional, Tuple
 
@@ -141,3 +143,14 @@ def get_backend(device: torch.device, dtype: Optional[torch.dtype] = None,
         reasons.append(f"{cand!r} unavailable ({why})" if inst is None
                        else f"{cand!r} does not run on {device.type}")
     raise RuntimeError("no cdkernels backend can run here: " + "; ".join(reasons))
+
+
+class _CallableModule(types.ModuleType):
+    """``cdkernels.backends`` is both this package (``cdkernels.backends.cpu`` ...) and the
+    function that lists the backends: ``cdkernels.backends()``."""
+
+    def __call__(self) -> Dict[str, Dict[str, object]]:
+        return backends()
+
+
+sys.modules[__name__].__class__ = _CallableModule
