@@ -242,26 +242,26 @@ void cd_smooth_bwd(const PointArgs& a, int64_t n, float* grad_sigma, int nthread
   if (args.want_gsigma) sums.add_into(grad_sigma, nt);
 }
 
-void ensemble_mean_fwd(const EnsArgs& a, int nthreads) {
-  const KernelTable& k = K();
+// Rows b of the ensemble split over threads, each with its own float scratch of 5*C + K + 16.
+template <class RowFn>
+static void ensemble_rows(const EnsArgs& a, int nthreads, RowFn&& rows) {
   const int nt = threads_for(3.0 * (double)a.K * (double)a.B * (double)a.C, nthreads);
   const int nth = nt < a.B ? nt : (int)(a.B > 0 ? a.B : 1);
   const size_t per = (size_t)(5 * a.C + a.K + 16);
   std::vector<float> scratch(per * (size_t)nth);  // allocated here: bad_alloc reaches Python
   parallel_for(a.B, 1, nth, [&](int t, int64_t b0, int64_t b1) {
-    k.ens_fwd(a, b0, b1, scratch.data() + per * (size_t)t);
+    rows(b0, b1, scratch.data() + per * (size_t)t);
   });
+}
+
+void ensemble_mean_fwd(const EnsArgs& a, int nthreads) {
+  const KernelTable& k = K();
+  ensemble_rows(a, nthreads, [&](int64_t b0, int64_t b1, float* s) { k.ens_fwd(a, b0, b1, s); });
 }
 
 void ensemble_mean_bwd(const EnsArgs& a, int nthreads) {
   const KernelTable& k = K();
-  const int nt = threads_for(3.0 * (double)a.K * (double)a.B * (double)a.C, nthreads);
-  const int nth = nt < a.B ? nt : (int)(a.B > 0 ? a.B : 1);
-  const size_t per = (size_t)(5 * a.C + a.K + 16);
-  std::vector<float> scratch(per * (size_t)nth);  // allocated here: bad_alloc reaches Python
-  parallel_for(a.B, 1, nth, [&](int t, int64_t b0, int64_t b1) {
-    k.ens_bwd(a, b0, b1, scratch.data() + per * (size_t)t);
-  });
+  ensemble_rows(a, nthreads, [&](int64_t b0, int64_t b1, float* s) { k.ens_bwd(a, b0, b1, s); });
 }
 
 }  // namespace cdk_cpu

@@ -393,8 +393,8 @@ static inline void load_row(float* __restrict dst, const typename D::T* __restri
   for (int64_t c = 0; c < C; ++c) dst[c] = D::ld(src, c);
 }
 
-// log-sum-exp of z[0..C)
-static inline float row_lse(const float* __restrict z, int64_t C) {
+// max of z[0..C) (16 partial maxima, so the loop vectorises)
+static inline float row_max(const float* __restrict z, int64_t C) {
   float mp[16];
   for (int j = 0; j < 16; ++j) mp[j] = -__builtin_inff();
   int64_t c = 0;
@@ -403,9 +403,15 @@ static inline float row_lse(const float* __restrict z, int64_t C) {
   float m = -__builtin_inff();
   for (int j = 0; j < 16; ++j) m = mp[j] > m ? mp[j] : m;
   for (; c < C; ++c) m = z[c] > m ? z[c] : m;
+  return m;
+}
+
+// log-sum-exp of z[0..C)
+static inline float row_lse(const float* __restrict z, int64_t C) {
+  const float m = row_max(z, C);
   float sp[16];
   for (int j = 0; j < 16; ++j) sp[j] = 0.0f;
-  c = 0;
+  int64_t c = 0;
   for (; c + 16 <= C; c += 16)
     for (int j = 0; j < 16; ++j) sp[j] += exp_f(z[c + j] - m);
   float s = 0.0f;
@@ -417,17 +423,10 @@ static inline float row_lse(const float* __restrict z, int64_t C) {
 // acc[c] += softmax(z)[c] with one exp per element: z is overwritten with exp(z - max), then
 // scaled by 1/sum (a separate log-sum-exp pass would cost a second exp per element).
 static inline void add_softmax(float* __restrict z, float* __restrict acc, int64_t C) {
-  float mp[16];
-  for (int j = 0; j < 16; ++j) mp[j] = -__builtin_inff();
-  int64_t c = 0;
-  for (; c + 16 <= C; c += 16)
-    for (int j = 0; j < 16; ++j) mp[j] = z[c + j] > mp[j] ? z[c + j] : mp[j];
-  float m = -__builtin_inff();
-  for (int j = 0; j < 16; ++j) m = mp[j] > m ? mp[j] : m;
-  for (; c < C; ++c) m = z[c] > m ? z[c] : m;
+  const float m = row_max(z, C);
   float sp[16];
   for (int j = 0; j < 16; ++j) sp[j] = 0.0f;
-  c = 0;
+  int64_t c = 0;
   for (; c + 16 <= C; c += 16)
     for (int j = 0; j < 16; ++j) {
       const float e = exp_f(z[c + j] - m);
