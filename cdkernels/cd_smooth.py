@@ -48,11 +48,10 @@ def cd_smooth_backward_op(grad_y: Tensor, x: Tensor, sigma_value: float,
                           activation: str, backend: str, need_sigma: bool
                           ) -> tuple[Tensor, Tensor]:
     """(grad_x, per-channel sum of g * mean_k act'(z_k) * eps_k, empty unless need_sigma)."""
-    ref = x if C.is_dense(x) else torch.empty_like(x)
-    xd = C.like(x, ref)
-    g = C.like(C.dense_input(grad_y), ref)
-    ch, cs = C.channel_map(ref, sigma)
-    grad_x = torch.empty_like(ref)
+    xd = C.dense_input(x)  # outputs follow x's dense layout
+    g = C.like(C.dense_input(grad_y), xd)
+    ch, cs = C.channel_map(xd, sigma)
+    grad_x = torch.empty_like(xd)
     gdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     gsig = torch.zeros(ch if need_sigma else 0, dtype=gdt, device=x.device)
     if x.numel():

@@ -49,9 +49,10 @@ def cd_step_backward_op(grad_y: Tensor, y: Optional[Tensor], dt: float, sigma_va
                         backend: str, need_inputs: bool, need_sigma: bool
                         ) -> tuple[Tensor, Tensor, Tensor]:
     """(grad_x, grad_f, sum_per_channel(grad_z * eps) as float32 [C]); unneeded ones are empty."""
-    ref = torch.empty_like(grad_y) if y is None else y
-    ref = ref if C.is_dense(ref) else torch.empty_like(ref)
-    g = C.like(C.dense_input(grad_y), ref)
+    # outputs follow y's layout (dense: the forward allocated it), else grad_y's dense layout
+    g = C.dense_input(grad_y)
+    ref = g if y is None else y
+    g = C.like(g, ref)
     ch, cs = C.channel_map(ref, sigma)
     grad_x = torch.empty_like(ref) if need_inputs else grad_y.new_empty(0)
     grad_f = torch.empty_like(ref) if need_inputs else grad_y.new_empty(0)
