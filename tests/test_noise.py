@@ -161,3 +161,15 @@ def test_seed_argument_checks():
     assert not torch.equal(cdkernels.normal(8, 1), cdkernels.normal(8, 1 | (1 << 32)))
     # seeds >= 2^63 work (stored as two's complement)
     assert torch.isfinite(cdkernels.normal(8, (1 << 64) - 1)).all()
+
+
+def test_shape_dtype_and_blocks_checks():
+    with pytest.raises(ValueError, match="shape"):
+        cdkernels.normal((2, -1), 1)
+    with pytest.raises(TypeError, match="dtype"):
+        cdkernels.normal(4, 1, dtype=torch.int32)
+    with pytest.raises(ValueError, match="blocks"):
+        cdkernels.philox_words(-1, 1)
+    with pytest.raises(ValueError, match="backend"):
+        cdkernels.normal(4, 1, backend="gpu")
+    assert cdkernels.normal((0, 3), 1).shape == (0, 3)
