@@ -17,11 +17,18 @@ Environment:
   CDK_FORCE_CUDA=1   fail if the CUDA part cannot be built (nvcc or sources missing)
   CDK_CUDA_ARCHS / TORCH_CUDA_ARCH_LIST
                      e.g. "8.0;9.0" or "8.0 9.0+PTX" (CDK_CUDA_ARCHS wins); default
-                     "8.0;9.0+PTX" = sm_80, sm_90 and compute_90 PTX
+                     "8.0;9.0+PTX" = sm_80, sm_90 and compute_90 PTX. Or one keyword:
+                     "native" = the GPUs nvidia-smi lists here; "all" = every arch >= 7.0
+                     this nvcc knows, plus PTX of the newest
   CUDA_HOME          the toolkit (default: derived from nvcc, else /usr/local/cuda)
   CXX                the host C++ compiler (default g++)
   MAX_JOBS           ninja parallelism (default: number of CPUs)
+
+Objects live in build/ninja-PLATFORM-TAG/ of the source tree (incremental across editable and
+wheel builds), or under setuptools' build_temp when the tree is read-only. The package's
+metadata is in pyproject.toml; setup.py never imports torch, so isolated builds work.
 """
+import atexit
 import os
 import re
 import shlex
@@ -29,9 +36,10 @@ import shutil
 import subprocess
 import sys
 import sysconfig
+import tempfile
 from glob import glob
 
-from setuptools import Extension, find_packages, setup
+from setuptools import Extension, setup
 from setuptools.command.build_ext import build_ext
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -91,15 +99,115 @@ def _cuda_home(nvcc):
 _ARCH_NAMES = {"maxwell": ["5.0", "5.2"], "pascal": ["6.0", "6.1"], "volta": ["7.0"],
                "turing": ["7.5"], "ampere": ["8.0", "8.6"], "ada": ["8.9"], "hopper": ["9.0"],
                "blackwell": ["10.0", "12.0"]}
+_DEFAULT_ARCHS = "8.0;9.0+PTX"
+# Oldest architecture `CDK_CUDA_ARCHS=all` builds for. The kernels themselves need little (warp
+# *_sync shuffles, float atomicAdd, bf16/fp16 conversions that cuda_bf16.h emulates before
+# sm_80); 7.0 (Volta) is the oldest GPU current CUDA toolkits and torch's CUDA wheels still
+# target, and every arch added to `all` costs a full device compile of every kernel.
+_MIN_ALL_ARCH = (7, 0)
 
 
-def _cuda_archs():
-    """[(sm, ptx)]: sm like '80' or '90a', ptx True when +PTX was asked for."""
-    spec = os.environ.get("CDK_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST") or "8.0;9.0+PTX"
+def _query(cmd):
+    """stdout of a short query command; raises SystemExit with the command's words on failure.
+    (A function of its own so tests can fake nvcc / nvidia-smi output.)"""
+    try:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.SubprocessError) as e:
+        raise SystemExit(f"cdkernels: `{' '.join(cmd)}` failed: {e}") from None
+    if r.returncode != 0:
+        raise SystemExit(f"cdkernels: `{' '.join(cmd)}` exited with {r.returncode}: "
+                         f"{(r.stderr or r.stdout).strip()[:500]}")
+    return r.stdout
+
+
+def _sm_key(sm):
+    """'90' -> (9, 0), '120' -> (12, 0), '90a' -> (9, 0): the last digit is the minor."""
+    digits = re.match(r"\d+", sm).group(0)
+    return int(digits[:-1]), int(digits[-1])
+
+
+def _nvcc_archs(nvcc):
+    """(real archs, virtual archs) this nvcc can target, plain ones only (no arch- or
+    family-specific 'a'/'f' variants), e.g. (['75', '80', ...], ['75', '80', ...])."""
+    def listed(flag, prefix):
+        text = _query([nvcc, flag])
+        found = re.findall(rf"\b{prefix}_(\d+)\b", text)
+        if not found:
+            raise SystemExit(f"cdkernels: `{nvcc} {flag}` listed no architectures:\n{text[:500]}")
+        return sorted(set(found), key=lambda s: _sm_key(s))
+    return listed("--list-gpu-code", "sm"), listed("--list-gpu-arch", "compute")
+
+
+def _visible_gpu_archs():
+    """Compute capabilities of this machine's GPUs as sm strings ('86', '90'), via nvidia-smi
+    (the build must not need torch or a CUDA context)."""
+    exe = shutil.which("nvidia-smi")
+    if exe is None:
+        raise SystemExit("cdkernels: CDK_CUDA_ARCHS=native needs nvidia-smi to find this "
+                         "machine's GPUs, and it is not on PATH; name the archs instead, e.g. "
+                         "CDK_CUDA_ARCHS='8.6' (see `nvidia-smi --query-gpu=compute_cap`)")
+    text = _query([exe, "--query-gpu=compute_cap", "--format=csv,noheader"])
+    caps = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        m = re.fullmatch(r"(\d+)\.(\d+)", line)
+        if not m:
+            raise SystemExit(f"cdkernels: CDK_CUDA_ARCHS=native: cannot read the compute "
+                             f"capability {line!r} from nvidia-smi (driver too old?)")
+        sm = f"{m.group(1)}{m.group(2)}"
+        if sm not in caps:
+            caps.append(sm)
+    if not caps:
+        raise SystemExit("cdkernels: CDK_CUDA_ARCHS=native but nvidia-smi lists no GPU; name "
+                         "the archs instead, e.g. CDK_CUDA_ARCHS='8.0;9.0+PTX'")
+    return sorted(caps, key=_sm_key)
+
+
+def _cuda_archs(spec=None, nvcc=None):
+    """[(sm, ptx)]: sm like '80' or '90a', ptx True when +PTX was asked for.
+
+    ``spec`` (default: $CDK_CUDA_ARCHS, else $TORCH_CUDA_ARCH_LIST, else 8.0;9.0+PTX) is a list
+    like "8.0;9.0+PTX", "sm_86 90", "ampere", or one of the keywords
+      native  the GPUs of this machine (nvidia-smi), as real code only;
+      all     every plain arch this nvcc can compile from 7.0 on, plus PTX of the newest so
+              GPUs newer than the toolkit still run (JIT).
+    """
+    if spec is None:
+        spec = (os.environ.get("CDK_CUDA_ARCHS") or os.environ.get("TORCH_CUDA_ARCH_LIST")
+                or _DEFAULT_ARCHS)
+    keyword = spec.strip().lower()
+    if keyword in ("native", "all"):
+        if nvcc is None:
+            raise SystemExit(f"cdkernels: CUDA arch list {spec!r} needs nvcc")
+        real, virtual = _nvcc_archs(nvcc)
+        if keyword == "native":
+            out = []
+            for sm in _visible_gpu_archs():
+                if sm not in real:
+                    raise SystemExit(
+                        f"cdkernels: CDK_CUDA_ARCHS=native: this machine has a GPU of compute "
+                        f"capability {_sm_key(sm)[0]}.{_sm_key(sm)[1]}, which {nvcc} cannot "
+                        f"compile for (it knows sm_{', sm_'.join(real)}); install a newer CUDA "
+                        f"toolkit, or build PTX the driver can JIT, e.g. "
+                        f"CDK_CUDA_ARCHS='{_sm_key(real[-1])[0]}.{_sm_key(real[-1])[1]}+PTX'")
+                out.append((sm, False))
+            return out
+        chosen = [sm for sm in real if _sm_key(sm) >= _MIN_ALL_ARCH]
+        if not chosen:
+            raise SystemExit(f"cdkernels: CDK_CUDA_ARCHS=all: {nvcc} supports no arch >= "
+                             f"{_MIN_ALL_ARCH[0]}.{_MIN_ALL_ARCH[1]} (it knows sm_"
+                             f"{', sm_'.join(real)})")
+        newest = chosen[-1]
+        return [(sm, sm == newest and sm in virtual) for sm in chosen]
     out = []
     for tok in re.split(r"[;,\s]+", spec.strip()):
         if not tok:
             continue
+        if tok.lower() in ("native", "all"):
+            raise SystemExit(f"cdkernels: {tok!r} must be the whole CUDA arch list, not part "
+                             f"of {spec!r}")
         ptx = tok.upper().endswith("+PTX")
         base = tok[:-4] if ptx else tok
         names = _ARCH_NAMES.get(base.lower(), [base])
@@ -143,19 +251,42 @@ def _ninja_cmd():
     raise SystemExit("cdkernels: ninja not found; `pip install ninja`")
 
 
+def _writable(path):
+    """Whether files can be created in ``path`` (os.access alone is wrong for root on a
+    read-only mount, so try it)."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = tempfile.NamedTemporaryFile(dir=path, prefix=".cdk-probe-")
+        probe.close()
+        return True
+    except OSError:
+        return False
+
+
 class NinjaBuildExt(build_ext):
     """Builds the single extension `cdkernels._C` with a generated build.ninja."""
+
+    def _ninja_dir(self):
+        """Where ninja keeps objects: a fixed folder in the source tree when it is writable
+        (not self.build_temp, which pip's editable installs put in a fresh temporary folder),
+        so rebuilds, and a wheel build after an editable one, are incremental: ninja reruns only
+        steps whose command line or inputs changed, so switching configurations is safe. A
+        read-only source tree (a package manager's unpacked sources, a mounted checkout) builds
+        under build_temp instead."""
+        tag = f"ninja-{sysconfig.get_platform()}-{sys.implementation.cache_tag}"
+        in_tree = os.path.join(ROOT, "build", tag)
+        if _writable(in_tree):
+            return in_tree
+        fallback = os.path.join(os.path.abspath(self.build_temp), tag)
+        _log(f"{ROOT} is not writable; ninja builds in {fallback}")
+        os.makedirs(fallback, exist_ok=True)
+        return fallback
 
     def build_extension(self, ext):
         import pybind11
 
         out_path = os.path.abspath(self.get_ext_fullpath(ext.name))
-        # A fixed build folder in the source tree (not self.build_temp, which pip's editable
-        # installs put in a fresh temporary folder), so rebuilds are incremental. ninja reruns
-        # every step whose command line changed, so switching configurations is safe.
-        build_dir = os.path.join(ROOT, "build", f"ninja-{sysconfig.get_platform()}-"
-                                 f"{sys.implementation.cache_tag}")
-        os.makedirs(build_dir, exist_ok=True)
+        build_dir = self._ninja_dir()
         os.makedirs(os.path.dirname(out_path), exist_ok=True)
 
         cxx = os.environ.get("CXX", "g++")
@@ -182,7 +313,7 @@ class NinjaBuildExt(build_ext):
                 elif not cu_srcs or not os.path.isfile(bind_cuda):
                     why_not = "no CUDA sources (csrc/cuda/*.cu and csrc/cuda/bind_cuda.cpp)"
                 else:
-                    archs = _cuda_archs()
+                    archs = _cuda_archs(nvcc=nvcc)
         with_cuda = why_not is None
         if not with_cuda and _env_flag("CDK_FORCE_CUDA"):
             raise SystemExit(f"cdkernels: CDK_FORCE_CUDA=1 but the CUDA part cannot be built: {why_not}")
@@ -262,8 +393,12 @@ class NinjaBuildExt(build_ext):
                 o = obj_of(src)
                 objs.append(o)
                 lines.append(f"build {_ninja_path(o)}: nvcc {_ninja_path(src)}")
-        lines.append(f"build {_ninja_path(out_path)}: link {' '.join(_ninja_path(o) for o in objs)}")
-        lines.append(f"default {_ninja_path(out_path)}")
+        # Link inside the build folder and copy out afterwards: build.ninja then does not depend
+        # on where the module goes (in place for -e, build/lib... for a wheel), so a wheel build
+        # after an editable one (or the reverse) finds every step up to date.
+        linked = os.path.join(build_dir, os.path.basename(out_path))
+        lines.append(f"build {_ninja_path(linked)}: link {' '.join(_ninja_path(o) for o in objs)}")
+        lines.append(f"default {_ninja_path(linked)}")
         ninja_file = os.path.join(build_dir, "build.ninja")
         text = "\n".join(lines) + "\n"
         # rewrite only on change, so an unchanged configuration is a no-op build
@@ -280,22 +415,29 @@ class NinjaBuildExt(build_ext):
         if _env_flag("CDK_VERBOSE_BUILD"):
             cmd.append("-v")
         subprocess.run(cmd, check=True)
+        # write a new file and rename it over the old one: a process that has the old module
+        # mapped (an editable install in use) keeps its copy instead of seeing it truncated
+        tmp = out_path + ".tmp"
+        shutil.copy2(linked, tmp)
+        os.replace(tmp, out_path)
         _log(f"built {out_path} (CUDA: {'yes, ' + ', '.join(arch_names) if with_cuda else 'no'})")
 
 
-setup(
-    name="cdkernels",
-    version="0.1.0",
-    description="Fused convection-diffusion ops with in-kernel Philox Gaussian noise "
-                "(CPU, CUDA and Triton backends)",
-    packages=find_packages(include=["cdkernels", "cdkernels.*"]),
-    python_requires=">=3.9",
-    # torch is deliberately NOT listed: install the torch build you want (CPU or a CUDA
-    # variant) yourself first. Listing it would let pip pull a multi-GB CUDA torch wheel, or
-    # replace the one you have. The compiled module does not link libtorch, so any torch works.
-    install_requires=["numpy", "tqdm"],
-    ext_modules=[Extension("cdkernels._C", sources=[])],
-    cmdclass={"build_ext": NinjaBuildExt},
-    entry_points={"console_scripts": ["cdk-train=cdkernels.train:main"]},
-    zip_safe=False,
-)
+def _out_of_tree_options():
+    """setuptools writes build/ and cdkernels.egg-info/ into the source tree; when the tree is
+    read-only, point both at a temporary folder (removed when this build step exits)."""
+    if _writable(os.path.join(ROOT, "build")):
+        return {}
+    base = tempfile.mkdtemp(prefix="cdkernels-build-")
+    atexit.register(shutil.rmtree, base, True)
+    _log(f"source tree {ROOT} is not writable; building under {base}")
+    return {"build": {"build_base": os.path.join(base, "build")},
+            "egg_info": {"egg_base": base}}
+
+
+if __name__ == "__main__":  # setuptools runs this file as __main__; tests import the helpers
+    # The metadata (name, version, dependencies, entry points, packages) is in pyproject.toml;
+    # this file only adds the compiled module and the ninja step that builds it.
+    setup(ext_modules=[Extension("cdkernels._C", sources=[])],
+          cmdclass={"build_ext": NinjaBuildExt},
+          options=_out_of_tree_options())
