@@ -10,6 +10,7 @@ Importing this module never raises; ``availability()`` says why the backend cann
 """
 from __future__ import annotations
 
+import re
 from typing import Optional, Tuple
 
 import torch
@@ -38,6 +39,49 @@ def _load_ext():
     if missing:
         return None, f"cdkernels._C lacks {', '.join(missing)} (stale build?)"
     return _C, ""
+
+
+# cudaError_t values (driver_types.h; stable across CUDA releases)
+_ERR_INSUFFICIENT_DRIVER = 35        # the driver is older than the runtime
+_ERR_CALL_REQUIRES_NEWER_DRIVER = 36
+
+
+def _ver(v: int) -> str:
+    """CUDA version integer (12040) as text ('12.4')."""
+    return f"{v // 1000}.{v % 1000 // 10}"
+
+
+def _device_name(i: int) -> str:
+    try:
+        return torch.cuda.get_device_name(i) + " "
+    except Exception:
+        return ""
+
+
+def kernel_image_for(archs, capability) -> bool:
+    """Whether a device of compute capability ``(major, minor)`` can run a module compiled for
+    ``archs`` (build_info()['cuda_archs'], e.g. ['sm_80', 'sm_90', 'compute_90']).
+
+    sm_XY (SASS) runs on X.z for z >= Y only (binary compatibility stays within a major);
+    compute_XY (PTX) is JIT-compiled by the driver for any X'.Y' >= X.Y. An arch-specific
+    'a' variant (sm_90a, compute_90a) runs on exactly X.Y; a family-specific 'f' variant
+    (sm_100f) on X.z, z >= Y.
+    """
+    cap = (int(capability[0]), int(capability[1]))
+    for arch in archs:
+        m = re.fullmatch(r"(sm|compute)_(\d+)(\d)([af]?)", str(arch).strip().lower())
+        if not m:
+            continue
+        kind, major, minor, suffix = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
+        if suffix == "a":
+            ok = cap == (major, minor)
+        elif kind == "sm" or suffix == "f":
+            ok = cap[0] == major and cap[1] >= minor
+        else:
+            ok = cap >= (major, minor)
+        if ok:
+            return True
+    return False
 
 
 def _code(table, key, what):
@@ -74,13 +118,54 @@ class CudaBackend(Backend):
             n_ext = int(self._C.cuda_device_count())
         except Exception as e:
             return False, f"CUDA query failed ({type(e).__name__}: {e})"
+        rt = int(getattr(self._C, "cuda_runtime_version", lambda: 0)())
+        drv = int(getattr(self._C, "cuda_driver_version", lambda: 0)())
         if n_torch == 0 or n_ext == 0:
-            return False, (f"no CUDA device visible (torch sees {n_torch}, the extension's CUDA "
-                           f"runtime sees {n_ext}: driver too old or missing?)")
-        rt = getattr(self._C, "cuda_runtime_version", lambda: 0)()
-        drv = getattr(self._C, "cuda_driver_version", lambda: 0)()
-        return True, (f"raw CUDA kernels (built with CUDA runtime {rt // 1000}.{rt % 1000 // 10}, "
-                      f"driver {drv // 1000}.{drv % 1000 // 10}, {n_ext} device(s))")
+            return False, self._no_device_reason(n_torch, n_ext, rt, drv)
+        try:
+            archs = [str(a) for a in self._C.build_info().get("cuda_archs", [])]
+            caps = [tuple(torch.cuda.get_device_capability(i)) for i in range(n_torch)]
+        except Exception as e:
+            return False, f"CUDA capability query failed ({type(e).__name__}: {e})"
+        # A device none of the compiled archs runs on would fail every launch with "no kernel
+        # image is available"; the backend must not be picked at all (all visible devices
+        # must be covered: availability is per process, not per device).
+        bad = [f"cuda:{i} {_device_name(i)}(compute capability {c[0]}.{c[1]})"
+               for i, c in enumerate(caps) if not kernel_image_for(archs, c)]
+        if bad:
+            want = ";".join(sorted({f"{c[0]}.{c[1]}" for c in caps}))
+            return False, (f"no kernel image for {', '.join(bad)}: cdkernels._C was compiled "
+                           f"for {', '.join(archs) or 'no architecture'}. Rebuild with "
+                           f"CDK_CUDA_ARCHS=native (or CDK_CUDA_ARCHS='{want}'), or hide that "
+                           f"GPU with CUDA_VISIBLE_DEVICES")
+        return True, (f"raw CUDA kernels (built with CUDA runtime {_ver(rt)}, driver "
+                      f"{_ver(drv)}, {n_ext} device(s), archs {', '.join(archs)})")
+
+    def _no_device_reason(self, n_torch: int, n_ext: int, rt: int, drv: int) -> str:
+        code, what = 0, ""
+        query = getattr(self._C, "cuda_device_error", None)  # absent in builds before it
+        if query is not None:
+            try:
+                code, what = query()
+            except Exception:  # a diagnostic must never make availability() raise
+                code, what = 0, ""
+        if code == _ERR_INSUFFICIENT_DRIVER and drv == 0:
+            # the runtime reports a missing libcuda.so with the same code as an old one
+            return (f"the extension's CUDA runtime finds no NVIDIA driver ({what}; torch sees "
+                    f"{n_torch} device(s))")
+        # without the error code (a build before cuda_device_error), an older driver *major*
+        # is the tell: within a major, CUDA's minor-version compatibility makes it work
+        if code in (_ERR_INSUFFICIENT_DRIVER, _ERR_CALL_REQUIRES_NEWER_DRIVER) or (
+                not code and n_torch > 0 and 0 < drv and drv // 1000 < rt // 1000):
+            return (f"the NVIDIA driver is too old for this build: cdkernels._C links the CUDA "
+                    f"{_ver(rt)} runtime statically, and the installed driver supports CUDA "
+                    f"{_ver(drv) if drv else 'unknown'}"
+                    + (f" ({what})" if what else "")
+                    + f". Update the driver to one for CUDA {_ver(rt)} or newer, or rebuild "
+                    f"cdkernels with a CUDA toolkit (nvcc) no newer than the driver's CUDA "
+                    f"version. torch sees {n_torch} device(s)")
+        return (f"no CUDA device visible (torch sees {n_torch}, the extension's CUDA runtime "
+                f"sees {n_ext}" + (f": {what}" if what else "") + ")")
 
     def supports(self, device: torch.device) -> bool:
         return torch.device(device).type == "cuda"

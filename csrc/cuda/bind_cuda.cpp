@@ -19,6 +19,11 @@ void cdk_register_cuda(py::module_& m) {
 
   m.def("cuda_device_count", &device_count,
         "Number of CUDA devices; 0 when there is no driver or no device (never raises).");
+  m.def("cuda_device_error", []() {
+        std::string what;
+        const int code = device_query_error(&what);
+        return py::make_tuple(code, what);
+      }, "(cudaError_t code, 'Name: description') of cudaGetDeviceCount; (0, '') on success.");
   m.def("cuda_runtime_version", &runtime_version, "CUDART_VERSION the module was built with.");
   m.def("cuda_driver_version", &driver_version, "CUDA driver version, 0 when there is none.");
 

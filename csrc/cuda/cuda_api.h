@@ -16,6 +16,8 @@
 #pragma once
 #include <stdint.h>
 
+#include <string>
+
 namespace cdk_cuda {
 
 enum DTypeCode : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
@@ -25,6 +27,10 @@ enum SpaceCode : int { kSpaceProb = 0, kSpaceLogit = 1, kSpaceLogprob = 2 };
 
 // Number of CUDA devices; 0 (never an exception) when there is no driver or no device.
 int device_count();
+// Why device_count() is 0: 0 when cudaGetDeviceCount succeeds, else its cudaError_t code, with
+// "cudaErrorName: description" in *what (cudaErrorInsufficientDriver (35): the driver is older
+// than the CUDA runtime linked statically into this module; cudaErrorNoDevice (100): none).
+int device_query_error(std::string* what);
 // Runtime version this module was built against (CUDART_VERSION) and the driver's (0 if none).
 int runtime_version();
 int driver_version();

@@ -87,6 +87,18 @@ int device_count() {
   return n;
 }
 
+int device_query_error(std::string* what) {
+  int n = 0;
+  const cudaError_t err = cudaGetDeviceCount(&n);
+  if (err == cudaSuccess) {
+    what->clear();
+    return 0;
+  }
+  (void)cudaGetLastError();
+  *what = std::string(cudaGetErrorName(err)) + ": " + cudaGetErrorString(err);
+  return static_cast<int>(err);
+}
+
 int runtime_version() { return CUDART_VERSION; }
 
 int driver_version() {
