@@ -413,3 +413,29 @@ def test_old_names_still_work():
         assert models.list() == models.list_models()
     assert isinstance(models.create("cd_preact_resnet", depth=8, width=4, in_chans=1),
                       torch.nn.Module)
+
+
+# -- install scripts and CI ------------------------------------------------------------------------
+
+def test_ci_builds_and_smoke_tests_the_wheel():
+    ci = open(os.path.join(ROOT, ".ci", "run")).read()
+    assert "bash scripts/install.sh" in ci and "bash scripts/wheel_smoke.sh" in ci
+    assert ci.index("wheel_smoke.sh") > ci.index("install.sh")
+    smoke = open(os.path.join(ROOT, "scripts", "wheel_smoke.sh")).read()
+    for needle in ("-m venv", "pip wheel", "cdkernels.info", "cdk-train", "cdk-attack",
+                   "metrics.jsonl", "curves.png", "mount -o remount,ro", "chmod -R a-w"):
+        assert needle in smoke, needle
+    # the venv gets the built wheel, never the source tree (no editable install there)
+    installs = [line for line in smoke.split("# -- 3.")[1].splitlines() if "pip install" in line]
+    assert installs and not any(" -e " in line or "--editable" in line for line in installs)
+
+
+def test_install_script_takes_dependencies_from_the_metadata():
+    sh = open(os.path.join(ROOT, "scripts", "install.sh")).read()
+    assert '-e ".[train,test]"' in sh
+    assert "torch==2.13.0" in sh  # this machine's CPU build; README says why
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert "torch==2.13.0" in readme and "download.pytorch.org/whl/cpu" in readme
+    assert "list_models" in readme and "create_model" in readme
+    manifest = open(os.path.join(ROOT, "MANIFEST.in")).read()
+    assert "LICENSE" in manifest
