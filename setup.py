@@ -185,6 +185,12 @@ def _cuda_archs(spec=None, nvcc=None):
         if keyword == "native":
             out = []
             for sm in _visible_gpu_archs():
+                if sm not in real and _sm_key(sm) < _sm_key(real[0]):
+                    raise SystemExit(
+                        f"cdkernels: CDK_CUDA_ARCHS=native: this machine has a GPU of compute "
+                        f"capability {_sm_key(sm)[0]}.{_sm_key(sm)[1]}, older than anything "
+                        f"{nvcc} compiles for (sm_{real[0]} and newer); build with an older "
+                        f"CUDA toolkit")
                 if sm not in real:
                     raise SystemExit(
                         f"cdkernels: CDK_CUDA_ARCHS=native: this machine has a GPU of compute "

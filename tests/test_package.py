@@ -340,6 +340,10 @@ def test_arch_native_errors(setup_mod, monkeypatch):
     setup_mod.outputs["nvidia-smi --query-gpu=compute_cap"] = "12.0\n"
     with pytest.raises(SystemExit, match="capability 12.0, which .*cannot compile for"):
         setup_mod._cuda_archs("native", nvcc="nvcc")
+    _nvcc(setup_mod, NVCC_13)
+    setup_mod.outputs["nvidia-smi --query-gpu=compute_cap"] = "6.1\n"
+    with pytest.raises(SystemExit, match="capability 6.1, older than .*older CUDA toolkit"):
+        setup_mod._cuda_archs("native", nvcc="nvcc")
     setup_mod.outputs["nvidia-smi --query-gpu=compute_cap"] = "\n"
     with pytest.raises(SystemExit, match="nvidia-smi lists no GPU"):
         setup_mod._cuda_archs("native", nvcc="nvcc")
@@ -376,6 +380,24 @@ def test_real_nvcc_arch_query():
     assert real and virtual and all(s.isdigit() for s in real)
     archs = mod._cuda_archs("all", nvcc=nvcc)
     assert archs[-1][1] and all(mod._sm_key(sm) >= (7, 0) for sm, _ in archs)
+
+
+def test_read_only_tree_builds_out_of_tree(setup_mod, tmp_path, monkeypatch):
+    """A source tree that cannot be written: ninja objects go under build_temp, setuptools'
+    build/ and egg-info under a temporary folder (the wheel smoke test builds one for real)."""
+    assert setup_mod._writable(str(tmp_path / "a" / "b"))
+    monkeypatch.setattr(setup_mod, "_writable", lambda path: False)
+    from setuptools.dist import Distribution
+    cmd = setup_mod.NinjaBuildExt(Distribution())
+    cmd.build_temp = str(tmp_path / "temp")
+    d = cmd._ninja_dir()
+    assert d.startswith(str(tmp_path / "temp")) and os.path.isdir(d)
+    assert not d.startswith(ROOT)
+    opts = setup_mod._out_of_tree_options()
+    base = opts["egg_info"]["egg_base"]
+    assert not base.startswith(ROOT) and opts["build"]["build_base"].startswith(base)
+    monkeypatch.undo()
+    assert setup_mod._out_of_tree_options() == {}  # this checkout is writable
 
 
 # -- model registry ------------------------------------------------------------------------------
