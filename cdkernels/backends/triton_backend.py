@@ -39,6 +39,12 @@ _INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 BLOCK = 256  # Philox blocks per program -> 1024 elements per program
 NUM_WARPS = 4
+# No floating-point contraction on the GPU: every multiply-add the kernels want is an explicit
+# tl.fma, and the rest rounds each product and sum on its own, as the reference and the
+# interpreter (which never fuses) do. Without this, the NVIDIA backend's default (fusion on,
+# TRITON_DEFAULT_FP_FUSION) would contract x + dt*f and the noise polynomials differently from
+# what the tests validate.
+FP_FUSION = False
 
 _ACT_CODES = {"none": 0, "relu": 1, "gelu": 2, "tanh": 3, "sigmoid": 4, "softplus": 5}
 _SPACE_CODES = {"logit": 0, "prob": 1, "logprob": 2}
@@ -406,21 +412,21 @@ class TritonBackend(Backend):
         if nb == 0:
             return
         _words_kernel[_grid(4 * nb)](out, seed, _check_offset(offset), int(sample), nb,
-                                     BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                     BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     def uniform(self, out, seed, offset, sample):
         n = out.numel()
         if n == 0:
             return
         _uniform_kernel[_grid(n)](out, seed, _check_offset(offset), int(sample), n,
-                                  BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                  BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     def normal(self, out, seed, offset, sample):
         n = out.numel()
         if n == 0:
             return
         _normal_kernel[_grid(n)](out, seed, _check_offset(offset), int(sample), n,
-                                 BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                 BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     # -- cd_step ------------------------------------------------------------------------------
     def cd_step_fwd(self, x, f, y, dt, sigma, sigma_value, C, chan_stride, seed, offset, act):
@@ -435,7 +441,7 @@ class TritonBackend(Backend):
             x, f, y, n, float(dt), math.sqrt(dt), sigma if has_sigma else x, coef_value,
             int(C), int(chan_stride), seed, _check_offset(offset),
             HAS_SIGMA=has_sigma, CH_MODE=_chan_mode(int(C), int(chan_stride)),
-            RELU=(act == "relu"), BLOCK=BLOCK, num_warps=NUM_WARPS)
+            RELU=(act == "relu"), BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     def cd_step_bwd(self, grad_y, y, grad_x, grad_f, grad_sigma, dt, sigma, sigma_value, C,
                     chan_stride, seed, offset, act):
@@ -453,7 +459,7 @@ class TritonBackend(Backend):
             int(chan_stride), seed, _check_offset(offset), RELU=relu,
             HAS_GX=grad_x is not None, HAS_GF=grad_f is not None,
             HAS_GS=grad_sigma is not None, CH_MODE=_chan_mode(int(C), int(chan_stride)),
-            BLOCK=BLOCK, num_warps=NUM_WARPS)
+            BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     # -- cd_smooth ----------------------------------------------------------------------------
     def cd_smooth_fwd(self, x, y, sigma, sigma_value, C, chan_stride, samples, seed, offset, act):
@@ -465,7 +471,7 @@ class TritonBackend(Backend):
             x, y, n, sigma if has_sigma else x, float(sigma_value), int(C), int(chan_stride),
             int(samples), seed, _check_offset(offset), HAS_SIGMA=has_sigma,
             CH_MODE=_chan_mode(int(C), int(chan_stride)), ACT=_ACT_CODES[act], BLOCK=BLOCK,
-            num_warps=NUM_WARPS)
+            num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     def cd_smooth_bwd(self, grad_y, x, grad_x, grad_sigma, sigma, sigma_value, C, chan_stride,
                       samples, seed, offset, act):
@@ -478,7 +484,7 @@ class TritonBackend(Backend):
             sigma if has_sigma else x, float(sigma_value), int(C), int(chan_stride),
             int(samples), seed, _check_offset(offset), HAS_SIGMA=has_sigma,
             HAS_GS=grad_sigma is not None, CH_MODE=_chan_mode(int(C), int(chan_stride)),
-            ACT=_ACT_CODES[act], BLOCK=BLOCK, num_warps=NUM_WARPS)
+            ACT=_ACT_CODES[act], BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     # -- ensemble_mean ------------------------------------------------------------------------
     @staticmethod
@@ -496,7 +502,7 @@ class TritonBackend(Backend):
         if B == 0 or C == 0:
             return
         _ensemble_fwd_kernel[(B,)](inp, out, K, B, C, SPACE=_SPACE_CODES[space],
-                                   BLOCK_C=block_c, num_warps=nw)
+                                   BLOCK_C=block_c, num_warps=nw, enable_fp_fusion=FP_FUSION)
 
     def ensemble_mean_bwd(self, grad_out, inp, out, grad_in, space):
         K, B, C, block_c, nw = self._ens_dims(inp, out)
@@ -505,4 +511,4 @@ class TritonBackend(Backend):
         _ensemble_bwd_kernel[(B,)](grad_out, inp, out, grad_in, K, B, C,
                                    SPACE=_SPACE_CODES[space],
                                    RECOMPUTE_OUT=out.dtype != torch.float32,
-                                   BLOCK_C=block_c, num_warps=nw)
+                                   BLOCK_C=block_c, num_warps=nw, enable_fp_fusion=FP_FUSION)
