@@ -21,8 +21,10 @@ No GPU is needed. For each kernel/dtype/variant the tool
    - common path: every instruction of the loop except NOPs and the *slow-path regions*: the
      fall-through of a forward conditional branch whose skipped range contains a ``CALL``
      (the IEEE division / sqrt fallbacks: ``FCHK``/``MUFU.RSQ`` + ``@!P BRA`` around a
-     ``CALL.REL.NOINC`` to a subroutine), when that range is a call stub (at most 12
-     instructions: argument moves, return address, CALL, a BRA over the fast path). Every other branch counts *both* sides: the count is
+     ``CALL.REL.NOINC`` to a subroutine), when that range is a call stub
+     (moves / constant loads / branches besides the CALL, and at most 8 other argument set-up
+     instructions). Such calls are the IEEE fallbacks and the kernels' own ``__noinline__``
+     slow paths, which the host arranges never to take on a real GPU (documented at each). Every other branch counts *both* sides: the count is
      an upper bound of the instructions a thread issues on the common path (a divergent warp
      issues both sides anyway);
    - per element: the loop count divided by the elements one iteration handles (declared per
@@ -243,7 +245,11 @@ def select_loop(code, mode, needle=None):
     raise ValueError(mode)
 
 
-SLOW_STUB_MAX = 12
+# A slow-path call stub: CALL plus argument set-up. Moves, constant loads, convergence
+# barriers and branches are free to appear; at most SLOW_STUB_MAX other instructions.
+_STUB_OPS = ("MOV", "IMAD.MOV", "UMOV", "CS2R", "LDC", "ULDC", "BSSY", "BSYNC", "BRA", "CALL",
+             "NOP")
+SLOW_STUB_MAX = 8
 
 
 def common_path(code, lo, hi):
@@ -257,7 +263,8 @@ def common_path(code, lo, hi):
                 region = [c for c in body if a < c[0] < t]
                 # a call-site stub: argument moves, the return address, CALL, a BRA over the
                 # fast path; never a whole `if` body that happens to contain such a stub
-                if len(region) <= SLOW_STUB_MAX and any(c[2].startswith("CALL") for c in region):
+                other = [c for c in region if not c[2].startswith(_STUB_OPS)]
+                if any(c[2].startswith("CALL") for c in region) and len(other) <= SLOW_STUB_MAX:
                     excluded.update(c[0] for c in region)
     return [c for c in body if c[0] not in excluded and c[2] != "NOP"]
 

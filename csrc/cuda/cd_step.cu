@@ -47,9 +47,12 @@ __device__ __noinline__ void coefs_slow(const float* __restrict__ sigma, float s
 
 // bins[channel(e + j)] += v[j] with one atomic per element (slow path and tail; any control
 // flow: no warp collectives).
+template <int L> struct FloatsL { float v[L]; };  // by value: passed in registers, no local copy
+
 template <typename I, int L>
 __device__ __noinline__ void bins_add_slow(float* bins, I e, I n, I chan_stride, uint32_t C,
-                                           const float* v) {
+                                           FloatsL<L> val) {
+  const float* v = val.v;
   uint32_t c[L];
   channels_of<I, L>(e, chan_stride, C, c);
 #pragma unroll
@@ -173,7 +176,10 @@ cd_step_bwd_kernel(const T* __restrict__ gy, const T* __restrict__ y, T* __restr
         v[4 * b + 3] = __fmul_rn(gz[4 * b + 3], nz.n3);
       }
       if (PERCHAN && !fixed_chan) {
-        bins_add_slow<I, L>(bins, e, n, chan_stride, C, v);
+        FloatsL<L> val;
+#pragma unroll
+        for (int l = 0; l < L; ++l) val.v[l] = v[l];
+        bins_add_slow<I, L>(bins, e, n, chan_stride, C, val);
       } else {
 #pragma unroll
         for (int l = 0; l < L; ++l) acc[l] += v[l];
@@ -203,7 +209,7 @@ cd_step_bwd_kernel(const T* __restrict__ gy, const T* __restrict__ y, T* __restr
       const float v[4] = {__fmul_rn(gz[0], nz.n0), __fmul_rn(gz[1], nz.n1),
                           __fmul_rn(gz[2], nz.n2), __fmul_rn(gz[3], nz.n3)};
       if (PERCHAN) {
-        bins_add_slow<I, 4>(bins, e, n, chan_stride, C, v);
+        bins_add_slow<I, 4>(bins, e, n, chan_stride, C, FloatsL<4>{{v[0], v[1], v[2], v[3]}});
       } else {
         acc[0] += (v[0] + v[1]) + (v[2] + v[3]);
       }
