@@ -16,8 +16,9 @@ No GPU is needed. For each kernel/dtype/variant the tool
      the widest global load/store of the function (the vectorised grid-stride loop of the CUDA
      kernels, not the bounds-checked tail loop after it), ``inner`` the shortest range that contains a
      Philox round constant (the K-sample loop of cd_smooth, or the k loop of ensemble_mean when
-     ``inner`` is combined with a load opcode), ``body`` the whole function (Triton programs
-     are one tile, no loop: prologue and epilogue are per tile and count);
+     ``inner`` is combined with a load opcode), ``body`` the whole function up to its
+     subroutines (Triton programs are one tile, no loop: prologue and epilogue are per tile
+     and count; the CALLed slow-path subroutines ptxas appends after the kernel do not);
    - common path: every instruction of the loop except NOPs and the *slow-path regions*: the
      fall-through of a forward conditional branch whose skipped range contains a ``CALL``
      (the IEEE division / sqrt fallbacks: ``FCHK``/``MUFU.RSQ`` + ``@!P BRA`` around a
@@ -220,7 +221,13 @@ def loops(code):
 
 def select_loop(code, mode, needle=None):
     if mode == "body":
-        return code[0][0], code[-1][0]
+        # the kernel up to its subroutines: ptxas appends the CALL targets (IEEE div/sqrt and
+        # 64-bit division slow paths) after the kernel's last instruction; they are not the
+        # common path (their call sites are stubs, excluded below)
+        calls = [_target(o) for _a, _p, op, o in code if op.startswith("CALL")]
+        calls = [t for t in calls if t is not None]
+        hi = (min(calls) if calls else code[-1][0] + 1) - 1
+        return code[0][0], hi
     ls = loops(code)
     if not ls:
         raise RuntimeError("no loop found")
