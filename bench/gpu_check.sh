@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Everything that needs a GPU, in one prepared run (< 5 minutes on an H100/H200):
-# build with the CUDA part, the GPU tests, the op and training benchmarks. Full results go
+# build with the CUDA part, the GPU tests, the op benchmark with the SASS prediction beside it,
+# the training benchmark. Full results go
 # under $OUT (default bench/results); a short table is printed last.
 #
 #   bash bench/gpu_check.sh            # on the GPU machine, from the repo root
@@ -35,6 +36,11 @@ status_tests=${PIPESTATUS[0]}
 echo "== op benchmark"
 timeout 120 python bench/bench_ops.py --device cuda --csv "$OUT/ops.csv" --png "$OUT/ops.png" \
   2>&1 | tee "$OUT/ops.txt" | tail -40
+echo "== predicted from SASS (bench/sass_budget.py), appended to ops.txt beside the measured"
+# the same table as docs/benchmarks.md "Predicted from SASS": compare its % of copy with the
+# measured GB/s above and correct the model (docs/benchmarks.md) where they disagree
+timeout 240 python bench/sass_budget.py --markdown --jobs 4 2>&1 | grep -v Warning \
+  | tee -a "$OUT/ops.txt" | tail -45
 echo "== training-step benchmark"
 timeout 60 python bench/bench_train.py --device cuda --models cd_preact_resnet56 --batch 128 \
   --dtype bf16 --size 32 --channels 3 --out "$OUT/train.json" 2>&1 | tee "$OUT/train.txt" | tail -15

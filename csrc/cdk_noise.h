@@ -7,6 +7,9 @@
 // numbers, and so the CPU loop vectorises without libmvec.
 #pragma once
 #include <stdint.h>
+#if defined(CDK_EMULATE)
+#include <cmath>
+#endif
 
 #if defined(__CUDACC__)
 #define CDK_HD __host__ __device__ __forceinline__
@@ -23,6 +26,56 @@ CDK_HD uint32_t mulhi32(uint32_t a, uint32_t b) {
   return (uint32_t)(((uint64_t)a * (uint64_t)b) >> 32);
 }
 
+// One 32x32 -> 64 product, both halves taken from it: a single IMAD.WIDE.U32 on the GPU (a
+// separate hi and lo multiply would cost two), one MUL/VPMULUDQ on the CPU.
+CDK_HD void mul_hilo(uint32_t a, uint32_t b, uint32_t* hi, uint32_t* lo) {
+  const uint64_t p = (uint64_t)a * (uint64_t)b;
+  *hi = (uint32_t)(p >> 32);
+  *lo = (uint32_t)p;
+}
+
+// The 10 round keys of a seed. Kernels build them once, before their grid-stride loop, and pass
+// them to philox_keyed(): a Philox call then costs two wide multiplies and two 3-input XORs per
+// round. On the device each key goes through an empty asm, so ptxas cannot re-materialise it
+// from the seed (two adds per round) inside the loop.
+struct PhiloxKeys { uint32_t k0[10], k1[10]; };
+
+CDK_HD PhiloxKeys philox_keys(uint64_t seed) {
+  PhiloxKeys K;
+  uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int r = 0; r < 10; ++r) {
+#if defined(__CUDA_ARCH__)
+    asm("" : "+r"(k0), "+r"(k1));
+#endif
+    K.k0[r] = k0;
+    K.k1[r] = k1;
+    k0 += 0x9E3779B9u;
+    k1 += 0xBB67AE85u;
+  }
+  return K;
+}
+
+// Philox4x32-10 on counter (c0,c1,c2,c3) with precomputed round keys.
+CDK_HD Words4 philox_keyed(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
+                           const PhiloxKeys& K) {
+  const uint32_t M0 = 0xD2511F53u, M1 = 0xCD9E8D57u;
+#if defined(__CUDACC__)
+#pragma unroll
+#endif
+  for (int round = 0; round < 10; ++round) {
+    uint32_t hi0, lo0, hi1, lo1;
+    mul_hilo(M0, c0, &hi0, &lo0);
+    mul_hilo(M1, c2, &hi1, &lo1);
+    const uint32_t n0 = hi1 ^ c1 ^ K.k0[round];
+    const uint32_t n2 = hi0 ^ c3 ^ K.k1[round];
+    c0 = n0; c1 = lo1; c2 = n2; c3 = lo0;
+  }
+  return Words4{c0, c1, c2, c3};
+}
+
 // Philox4x32-10 on counter (c0,c1,c2,c3) with key (k0,k1).
 CDK_HD Words4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
                             uint32_t k0, uint32_t k1) {
@@ -32,6 +85,7 @@ CDK_HD Words4 philox4x32_10(uint32_t c0, uint32_t c1, uint32_t c2, uint32_t c3,
 #pragma unroll
 #endif
   for (int round = 0; round < 10; ++round) {
+    // (the CPU kernels call this one; the GPU kernels use philox_keyed)
     const uint32_t hi0 = mulhi32(M0, c0), lo0 = M0 * c0;
     const uint32_t hi1 = mulhi32(M1, c2), lo1 = M1 * c2;
     const uint32_t n0 = hi1 ^ c1 ^ k0;
@@ -53,6 +107,34 @@ CDK_HD float word_to_uniform(uint32_t w) {
   return (float)((int32_t)(((w >> 9) << 1) | 1u)) * 5.9604644775390625e-08f;  // 2^-24
 }
 
+// -- the float32 arithmetic of the normals ----------------------------------------------------
+// Every product and sum below is spelled out with these macros, so each build computes a
+// pinned sequence of roundings (docs/noise.md section 3):
+//   GPU (nvcc) and the CUDA host emulator (CDK_EMULATE): CDK_FMA is a fused multiply-add (one
+//     rounding; FFMA / std::fma), every other product and sum is rounded on its own
+//     (__fmul_rn / __fadd_rn: nvcc may not contract them). The emulator therefore validates
+//     exactly the GPU's arithmetic.
+//   CPU (g++ -ffp-contract=off): CDK_FMA is a product and a sum, two roundings, so the loops
+//     vectorise on any SIMD level without FMA hardware.
+// Both stay within the spec's 4 ulp of the float64 oracle (tests/test_noise.py,
+// tests/test_cuda_emulated.py).
+#if defined(__CUDA_ARCH__)
+#define CDK_FMA(a, b, c) __fmaf_rn((a), (b), (c))
+#define CDK_MUL(a, b) __fmul_rn((a), (b))
+#define CDK_ADD(a, b) __fadd_rn((a), (b))
+#define CDK_SUB(a, b) __fsub_rn((a), (b))
+#elif defined(CDK_EMULATE)
+#define CDK_FMA(a, b, c) std::fma((float)(a), (float)(b), (float)(c))
+#define CDK_MUL(a, b) ((a) * (b))
+#define CDK_ADD(a, b) ((a) + (b))
+#define CDK_SUB(a, b) ((a) - (b))
+#else
+#define CDK_FMA(a, b, c) ((a) * (b) + (c))
+#define CDK_MUL(a, b) ((a) * (b))
+#define CDK_ADD(a, b) ((a) + (b))
+#define CDK_SUB(a, b) ((a) - (b))
+#endif
+
 // Natural log for x in [2^-24, 1], about 1 ulp. x = m * 2^e with m in [sqrt(1/2), sqrt(2)),
 // log(m) = 2 atanh(s), s = (m-1)/(m+1). m-1 is exact, so the result stays accurate near x=1.
 CDK_HD float log_unit(float x) {
@@ -72,29 +154,35 @@ CDK_HD float log_unit(float x) {
 #else
   __builtin_memcpy(&m, &mbits, 4);
 #endif
-  const float f = m - 1.0f;
-  const float s = f / (2.0f + f);
-  const float z = s * s;
-  const float w = z * z;
+  const float f = CDK_SUB(m, 1.0f);
+  const float s = f / CDK_ADD(2.0f, f);  // IEEE division on every build
+  const float z = CDK_MUL(s, s);
+  const float w = CDK_MUL(z, z);
   // fdlibm logf's polynomial for (log(m) - f + f^2/2)/s, split into odd/even parts for ILP.
-  const float t1 = w * (4.0000000596e-01f + w * (2.2222198546e-01f + w * 1.5313838422e-01f));
-  const float t2 = z * (6.6666668653e-01f + w * (2.8571429849e-01f +
-                                                  w * (1.8183572590e-01f + w * 1.4798198640e-01f)));
-  const float R = t1 + t2;
-  const float hfsq = 0.5f * f * f;
+  const float t1 =
+      CDK_MUL(w, CDK_FMA(w, CDK_FMA(w, 1.5313838422e-01f, 2.2222198546e-01f), 4.0000000596e-01f));
+  const float t2 = CDK_MUL(
+      z, CDK_FMA(w, CDK_FMA(w, CDK_FMA(w, 1.4798198640e-01f, 1.8183572590e-01f),
+                            2.8571429849e-01f),
+                 6.6666668653e-01f));
+  const float R = CDK_ADD(t1, t2);
+  const float hfsq = CDK_MUL(CDK_MUL(0.5f, f), f);
   const float ef = (float)e;
-  return ef * 6.9313812256e-01f - ((hfsq - (s * (hfsq + R) + ef * 9.0580006145e-06f)) - f);
+  const float inner = CDK_FMA(s, CDK_ADD(hfsq, R), CDK_MUL(ef, 9.0580006145e-06f));
+  return CDK_FMA(ef, 6.9313812256e-01f, -CDK_SUB(CDK_SUB(hfsq, inner), f));
 }
 
 // sin and cos of x for |x| <= pi/4 (cephes sinf/cosf minimax polynomials), about 1 ulp.
 CDK_HD float sin_small(float x) {
-  const float z = x * x;
-  return x + x * z * (-1.6666654611e-1f + z * (8.3321608736e-3f + z * -1.9515295891e-4f));
+  const float z = CDK_MUL(x, x);
+  const float p = CDK_FMA(z, CDK_FMA(z, -1.9515295891e-4f, 8.3321608736e-3f), -1.6666654611e-1f);
+  return CDK_FMA(CDK_MUL(x, z), p, x);
 }
 CDK_HD float cos_small(float x) {
-  const float z = x * x;
-  return 1.0f - 0.5f * z +
-         z * z * (4.166664568298827e-2f + z * (-1.388731625493765e-3f + z * 2.443315711809948e-5f));
+  const float z = CDK_MUL(x, x);
+  const float p = CDK_FMA(z, CDK_FMA(z, 2.443315711809948e-5f, -1.388731625493765e-3f),
+                          4.166664568298827e-2f);
+  return CDK_ADD(CDK_FMA(-0.5f, z, 1.0f), CDK_MUL(CDK_MUL(z, z), p));
 }
 
 // Box-Muller of one word pair: (r cos 2pi U(wb), r sin 2pi U(wb)), r = sqrt(-2 ln U(wa)).
@@ -102,21 +190,21 @@ CDK_HD void box_muller(uint32_t wa, uint32_t wb, float* out_cos, float* out_sin)
   const float ua = word_to_uniform(wa);
   const float ub = word_to_uniform(wb);
 #if defined(__CUDACC__) && defined(__CUDA_ARCH__)
-  const float r = sqrtf(-2.0f * log_unit(ua));
+  const float r = sqrtf(CDK_MUL(-2.0f, log_unit(ua)));  // IEEE sqrt (nvcc -prec-sqrt=true)
 #else
-  const float r = __builtin_sqrtf(-2.0f * log_unit(ua));
+  const float r = __builtin_sqrtf(CDK_MUL(-2.0f, log_unit(ua)));
 #endif
   // Quarter-turn reduction (exact): q = round(4u) in 0..4, t = u - q/4 in [-1/8, 1/8].
-  const int32_t q = (int32_t)(4.0f * ub + 0.5f);
-  const float t = ub - 0.25f * (float)q;
-  const float x = 6.28318530717958647692f * t;
+  const int32_t q = (int32_t)CDK_FMA(4.0f, ub, 0.5f);  // 4u exact: one rounding either way
+  const float t = CDK_FMA(-0.25f, (float)q, ub);         // exact
+  const float x = CDK_MUL(6.28318530717958647692f, t);
   const float s = sin_small(x), c = cos_small(x);
   const int32_t qm = q & 3;
   // rotate (c, s) by qm quarter turns: 0:(c,s) 1:(-s,c) 2:(-c,-s) 3:(s,-c)
   const float cr = (qm == 0) ? c : (qm == 1) ? -s : (qm == 2) ? -c : s;
   const float sr = (qm == 0) ? s : (qm == 1) ? c : (qm == 2) ? -s : -c;
-  *out_cos = r * cr;
-  *out_sin = r * sr;
+  *out_cos = CDK_MUL(r, cr);
+  *out_sin = CDK_MUL(r, sr);
 }
 
 CDK_HD Normals4 words_to_normals(Words4 w) {
@@ -130,6 +218,14 @@ CDK_HD Normals4 words_to_normals(Words4 w) {
 // (relative to the stream's offset).
 CDK_HD Normals4 stream_normals(uint64_t seed, uint64_t block, uint32_t sample) {
   return words_to_normals(stream_words(seed, block, sample));
+}
+
+// The same with the seed's round keys precomputed (philox_keys).
+CDK_HD Words4 keyed_words(const PhiloxKeys& K, uint64_t block, uint32_t sample) {
+  return philox_keyed((uint32_t)block, (uint32_t)(block >> 32), sample, 0u, K);
+}
+CDK_HD Normals4 keyed_normals(const PhiloxKeys& K, uint64_t block, uint32_t sample) {
+  return words_to_normals(keyed_words(K, block, sample));
 }
 
 }  // namespace cdk

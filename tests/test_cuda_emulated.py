@@ -199,8 +199,10 @@ def test_noise(lib):
 # -- cd_step --------------------------------------------------------------------------------------
 # (n, C, chan_stride): C=1 / 1<C<=4096 / C>4096 pick the three grad_sigma reduction modes;
 # n=4096 with CAP=3 makes the grid-stride loop iterate; odd n leaves a tail.
+# (6000, 8, 1) and (8192, 4, 16): channel period divides the grid-stride step, loops iterate:
+# the fixed-channel path with several iterations; (4096, 64, 64): the per-iteration slow path.
 STEP_SHAPES = [(1023, 3, 341), (2048, 16, 1), (1001, 7, 11), (640, 5000, 1), (999, 1, 999),
-               (4096, 64, 64)]
+               (4096, 64, 64), (6000, 8, 1), (8192, 4, 16)]
 STEP_VARIANTS = [  # dtype, act, sigma kind, 64-bit index, misalignment
     (torch.float32, "none", "tensor", 0, 0), (torch.float32, "relu", "value", 0, 0),
     (torch.float32, "relu", "tensor", 1, 0), (torch.float32, "none", "value", 1, 1),

@@ -18,9 +18,12 @@ compile-time strategies (``_chan_mode``):
   1  C == 1: sigma[0]; grad_sigma reduced with tl.sum, one atomic per program.
   2  chan_stride >= 4*BLOCK (e.g. contiguous NCHW with H*W >= tile): a tile spans at most two
      channel runs, so no per-element division; two tl.sum and two atomics per program.
-  3  otherwise (e.g. channels_last, chan_stride == 1): per-element int64 div/mod, gathered sigma,
-     and one fp32 atomic per element for grad_sigma. Correct but slow on GPU (atomic contention
-     on C addresses); see the report / TODO below.
+  4  chan_stride == 1 and C a power of two <= 4*BLOCK (channels_last): the tile starts at a
+     multiple of C, so channel = position in the tile & (C - 1) (C constexpr, int32, no
+     division); grad_sigma summed per channel in the tile (a reshape) and C atomics per program.
+  3  otherwise (e.g. channels_last with C not a power of two): per-element int64 div/mod,
+     gathered sigma, and one fp32 atomic per element for grad_sigma. Correct but slow on GPU
+     (atomic contention on C addresses).
 grad_sigma accumulation order is not deterministic on GPU (fp32 atomics).
 """
 from __future__ import annotations
@@ -39,6 +42,12 @@ _INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 BLOCK = 256  # Philox blocks per program -> 1024 elements per program
 NUM_WARPS = 4
+# No floating-point contraction on the GPU: every multiply-add the kernels want is an explicit
+# tl.fma, and the rest rounds each product and sum on its own, as the reference and the
+# interpreter (which never fuses) do. Without this, the NVIDIA backend's default (fusion on,
+# TRITON_DEFAULT_FP_FUSION) would contract x + dt*f and the noise polynomials differently from
+# what the tests validate.
+FP_FUSION = False
 
 _ACT_CODES = {"none": 0, "relu": 1, "gelu": 2, "tanh": 3, "sigmoid": 4, "softplus": 5}
 _SPACE_CODES = {"logit": 0, "prob": 1, "logprob": 2}
@@ -64,17 +73,29 @@ if HAVE_TRITON:
         return b, e, pid * (4 * BLOCK)
 
     @triton.jit
+    def _tile_chan_pow2(BLOCK: tl.constexpr, CC: tl.constexpr):
+        """CH_MODE 4 (chan_stride 1, C = CC a power of two dividing the tile): the channel of
+        each tile element, (position in the tile) & (CC - 1) in int32. A tile starts at a
+        multiple of 4*BLOCK, hence of CC, so this is (p // 1) % C with no division."""
+        q = 4 * tl.arange(0, BLOCK)[:, None] + tl.arange(0, 4)[None, :]
+        return q & (CC - 1)
+
+    @triton.jit
     def _sigma_tile(sigma_ptr, sigma_value, e, start, mask, C, chan_stride,
-                    HAS_SIGMA: tl.constexpr, CH_MODE: tl.constexpr):
+                    HAS_SIGMA: tl.constexpr, CH_MODE: tl.constexpr, CC: tl.constexpr):
         """sigma of each element of the tile (float32)."""
         if HAS_SIGMA:
             if CH_MODE == 1:
                 s = tl.load(sigma_ptr).to(tl.float32) + tl.zeros(e.shape, dtype=tl.float32)
             elif CH_MODE == 2:
                 run = start // chan_stride
-                s0 = tl.load(sigma_ptr + run % C).to(tl.float32)
-                s1 = tl.load(sigma_ptr + (run + 1) % C).to(tl.float32)
+                c0 = run % C
+                c1 = tl.where(c0 + 1 == C, 0, c0 + 1)  # (run + 1) % C without a third division
+                s0 = tl.load(sigma_ptr + c0).to(tl.float32)
+                s1 = tl.load(sigma_ptr + c1).to(tl.float32)
                 s = tl.where(e < (run + 1) * chan_stride, s0, s1)
+            elif CH_MODE == 4:
+                s = tl.load(sigma_ptr + _tile_chan_pow2(e.shape[0], CC)).to(tl.float32)
             else:
                 c = (e // chan_stride) % C
                 s = tl.load(sigma_ptr + c, mask=mask, other=0.0).to(tl.float32)
@@ -83,7 +104,8 @@ if HAVE_TRITON:
         return s
 
     @triton.jit
-    def _add_grad_sigma(gs_ptr, v, e, start, mask, C, chan_stride, CH_MODE: tl.constexpr):
+    def _add_grad_sigma(gs_ptr, v, e, start, mask, C, chan_stride, CH_MODE: tl.constexpr,
+                        CC: tl.constexpr):
         """grad_sigma[(p // chan_stride) % C] += v[p] over the tile (v is 0 where masked)."""
         v = tl.where(mask, v, 0.0)
         if CH_MODE == 1:
@@ -93,8 +115,14 @@ if HAVE_TRITON:
             first = e < (run + 1) * chan_stride
             v0 = tl.sum(tl.sum(tl.where(first, v, 0.0), axis=1), axis=0)
             v1 = tl.sum(tl.sum(tl.where(first, 0.0, v), axis=1), axis=0)
-            tl.atomic_add(gs_ptr + run % C, v0)
-            tl.atomic_add(gs_ptr + (run + 1) % C, v1)
+            c0 = run % C
+            tl.atomic_add(gs_ptr + c0, v0)
+            tl.atomic_add(gs_ptr + tl.where(c0 + 1 == C, 0, c0 + 1), v1)
+        elif CH_MODE == 4:
+            # tile element q has channel q % CC: rows of CC consecutive elements, summed per
+            # column in the tile, then CC atomics per program (not one per element)
+            per_chan = tl.sum(tl.reshape(v, (v.shape[0] * 4 // CC, CC)), axis=0)
+            tl.atomic_add(gs_ptr + tl.arange(0, CC), per_chan)
         else:
             # TODO(perf): reduce in-tile per channel before the atomics (e.g. reshape to
             # [rows, C] when C * chan_stride divides 4*BLOCK), instead of one atomic per element.
@@ -194,7 +222,7 @@ if HAVE_TRITON:
     @triton.jit
     def _cd_step_fwd_kernel(x_ptr, f_ptr, y_ptr, n, dt, sqrt_dt, sigma_ptr, coef_value, C,
                             chan_stride, seed_ptr, offset, HAS_SIGMA: tl.constexpr,
-                            CH_MODE: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):
+                            CH_MODE: tl.constexpr, CC: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):
         b, e, start = _tile_index(offset, BLOCK)
         mask = e < n
         k0, k1 = load_seed_key(seed_ptr)
@@ -202,7 +230,7 @@ if HAVE_TRITON:
         x = tl.load(x_ptr + e, mask=mask, other=0.0).to(tl.float32)
         f = tl.load(f_ptr + e, mask=mask, other=0.0).to(tl.float32)
         if HAS_SIGMA:
-            coef = _sigma_tile(sigma_ptr, 0.0, e, start, mask, C, chan_stride, True, CH_MODE) * sqrt_dt
+            coef = _sigma_tile(sigma_ptr, 0.0, e, start, mask, C, chan_stride, True, CH_MODE, CC) * sqrt_dt
         else:
             coef = coef_value  # sigma_value * sqrt(dt), formed on the host in float64
         z = x + dt * f + coef * eps
@@ -213,7 +241,7 @@ if HAVE_TRITON:
     @triton.jit
     def _cd_step_bwd_kernel(gy_ptr, y_ptr, gx_ptr, gf_ptr, gs_ptr, n, dt, C, chan_stride,
                             seed_ptr, offset, RELU: tl.constexpr, HAS_GX: tl.constexpr,
-                            HAS_GF: tl.constexpr, HAS_GS: tl.constexpr, CH_MODE: tl.constexpr,
+                            HAS_GF: tl.constexpr, HAS_GS: tl.constexpr, CH_MODE: tl.constexpr, CC: tl.constexpr,
                             BLOCK: tl.constexpr):
         b, e, start = _tile_index(offset, BLOCK)
         mask = e < n
@@ -228,20 +256,20 @@ if HAVE_TRITON:
         if HAS_GS:
             k0, k1 = load_seed_key(seed_ptr)
             eps = stream_normals_tile(k0, k1, b, 0)
-            _add_grad_sigma(gs_ptr, gz * eps, e, start, mask, C, chan_stride, CH_MODE)
+            _add_grad_sigma(gs_ptr, gz * eps, e, start, mask, C, chan_stride, CH_MODE, CC)
 
     # ---------------------------------------------------------------------------------------
     # cd_smooth (K samples looped in the kernel: x read once, y written once)
     # ---------------------------------------------------------------------------------------
     @triton.jit
     def _cd_smooth_fwd_kernel(x_ptr, y_ptr, n, sigma_ptr, sigma_value, C, chan_stride, K,
-                              seed_ptr, offset, HAS_SIGMA: tl.constexpr, CH_MODE: tl.constexpr,
+                              seed_ptr, offset, HAS_SIGMA: tl.constexpr, CH_MODE: tl.constexpr, CC: tl.constexpr,
                               ACT: tl.constexpr, BLOCK: tl.constexpr):
         b, e, start = _tile_index(offset, BLOCK)
         mask = e < n
         k0, k1 = load_seed_key(seed_ptr)
         x = tl.load(x_ptr + e, mask=mask, other=0.0).to(tl.float32)
-        s = _sigma_tile(sigma_ptr, sigma_value, e, start, mask, C, chan_stride, HAS_SIGMA, CH_MODE)
+        s = _sigma_tile(sigma_ptr, sigma_value, e, start, mask, C, chan_stride, HAS_SIGMA, CH_MODE, CC)
         acc = tl.zeros(e.shape, dtype=tl.float32)
         for k in range(K):
             eps = stream_normals_tile(k0, k1, b, k)
@@ -251,14 +279,14 @@ if HAVE_TRITON:
     @triton.jit
     def _cd_smooth_bwd_kernel(gy_ptr, x_ptr, gx_ptr, gs_ptr, n, sigma_ptr, sigma_value, C,
                               chan_stride, K, seed_ptr, offset, HAS_SIGMA: tl.constexpr,
-                              HAS_GS: tl.constexpr, CH_MODE: tl.constexpr, ACT: tl.constexpr,
+                              HAS_GS: tl.constexpr, CH_MODE: tl.constexpr, CC: tl.constexpr, ACT: tl.constexpr,
                               BLOCK: tl.constexpr):
         b, e, start = _tile_index(offset, BLOCK)
         mask = e < n
         k0, k1 = load_seed_key(seed_ptr)
         x = tl.load(x_ptr + e, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(gy_ptr + e, mask=mask, other=0.0).to(tl.float32)
-        s = _sigma_tile(sigma_ptr, sigma_value, e, start, mask, C, chan_stride, HAS_SIGMA, CH_MODE)
+        s = _sigma_tile(sigma_ptr, sigma_value, e, start, mask, C, chan_stride, HAS_SIGMA, CH_MODE, CC)
         dx = tl.zeros(e.shape, dtype=tl.float32)
         ds = tl.zeros(e.shape, dtype=tl.float32)
         for k in range(K):
@@ -269,7 +297,7 @@ if HAVE_TRITON:
                 ds += d * eps
         tl.store(gx_ptr + e, to_store_dtype(g * dx / K, gx_ptr), mask=mask)
         if HAS_GS:
-            _add_grad_sigma(gs_ptr, g * ds / K, e, start, mask, C, chan_stride, CH_MODE)
+            _add_grad_sigma(gs_ptr, g * ds / K, e, start, mask, C, chan_stride, CH_MODE, CC)
 
     # ---------------------------------------------------------------------------------------
     # ensemble_mean: one program per row b, loop over the K replicas, whole row in registers.
@@ -357,7 +385,14 @@ def _chan_mode(C: int, chan_stride: int) -> int:
         return 1
     if chan_stride >= 4 * BLOCK:
         return 2
+    if chan_stride == 1 and C & (C - 1) == 0 and C <= 4 * BLOCK:
+        return 4  # channels_last with a power-of-two C: channel = tile position & (C - 1)
     return 3
+
+
+def _chan_cc(C: int, chan_stride: int) -> int:
+    """The constexpr C of CH_MODE 4 (1 otherwise, so other modes compile once)."""
+    return C if _chan_mode(C, chan_stride) == 4 else 1
 
 
 def _grid(n_elements: int):
@@ -406,21 +441,21 @@ class TritonBackend(Backend):
         if nb == 0:
             return
         _words_kernel[_grid(4 * nb)](out, seed, _check_offset(offset), int(sample), nb,
-                                     BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                     BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     def uniform(self, out, seed, offset, sample):
         n = out.numel()
         if n == 0:
             return
         _uniform_kernel[_grid(n)](out, seed, _check_offset(offset), int(sample), n,
-                                  BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                  BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     def normal(self, out, seed, offset, sample):
         n = out.numel()
         if n == 0:
             return
         _normal_kernel[_grid(n)](out, seed, _check_offset(offset), int(sample), n,
-                                 BLOCK=BLOCK, num_warps=NUM_WARPS)
+                                 BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     # -- cd_step ------------------------------------------------------------------------------
     def cd_step_fwd(self, x, f, y, dt, sigma, sigma_value, C, chan_stride, seed, offset, act):
@@ -434,8 +469,8 @@ class TritonBackend(Backend):
         _cd_step_fwd_kernel[_grid(n)](
             x, f, y, n, float(dt), math.sqrt(dt), sigma if has_sigma else x, coef_value,
             int(C), int(chan_stride), seed, _check_offset(offset),
-            HAS_SIGMA=has_sigma, CH_MODE=_chan_mode(int(C), int(chan_stride)),
-            RELU=(act == "relu"), BLOCK=BLOCK, num_warps=NUM_WARPS)
+            HAS_SIGMA=has_sigma, CH_MODE=_chan_mode(int(C), int(chan_stride)), CC=_chan_cc(int(C), int(chan_stride)),
+            RELU=(act == "relu"), BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     def cd_step_bwd(self, grad_y, y, grad_x, grad_f, grad_sigma, dt, sigma, sigma_value, C,
                     chan_stride, seed, offset, act):
@@ -452,8 +487,8 @@ class TritonBackend(Backend):
             grad_sigma if grad_sigma is not None else dummy, n, float(dt), int(C),
             int(chan_stride), seed, _check_offset(offset), RELU=relu,
             HAS_GX=grad_x is not None, HAS_GF=grad_f is not None,
-            HAS_GS=grad_sigma is not None, CH_MODE=_chan_mode(int(C), int(chan_stride)),
-            BLOCK=BLOCK, num_warps=NUM_WARPS)
+            HAS_GS=grad_sigma is not None, CH_MODE=_chan_mode(int(C), int(chan_stride)), CC=_chan_cc(int(C), int(chan_stride)),
+            BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     # -- cd_smooth ----------------------------------------------------------------------------
     def cd_smooth_fwd(self, x, y, sigma, sigma_value, C, chan_stride, samples, seed, offset, act):
@@ -464,8 +499,8 @@ class TritonBackend(Backend):
         _cd_smooth_fwd_kernel[_grid(n)](
             x, y, n, sigma if has_sigma else x, float(sigma_value), int(C), int(chan_stride),
             int(samples), seed, _check_offset(offset), HAS_SIGMA=has_sigma,
-            CH_MODE=_chan_mode(int(C), int(chan_stride)), ACT=_ACT_CODES[act], BLOCK=BLOCK,
-            num_warps=NUM_WARPS)
+            CH_MODE=_chan_mode(int(C), int(chan_stride)), CC=_chan_cc(int(C), int(chan_stride)), ACT=_ACT_CODES[act], BLOCK=BLOCK,
+            num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     def cd_smooth_bwd(self, grad_y, x, grad_x, grad_sigma, sigma, sigma_value, C, chan_stride,
                       samples, seed, offset, act):
@@ -477,8 +512,8 @@ class TritonBackend(Backend):
             grad_y, x, grad_x, grad_sigma if grad_sigma is not None else x, n,
             sigma if has_sigma else x, float(sigma_value), int(C), int(chan_stride),
             int(samples), seed, _check_offset(offset), HAS_SIGMA=has_sigma,
-            HAS_GS=grad_sigma is not None, CH_MODE=_chan_mode(int(C), int(chan_stride)),
-            ACT=_ACT_CODES[act], BLOCK=BLOCK, num_warps=NUM_WARPS)
+            HAS_GS=grad_sigma is not None, CH_MODE=_chan_mode(int(C), int(chan_stride)), CC=_chan_cc(int(C), int(chan_stride)),
+            ACT=_ACT_CODES[act], BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     # -- ensemble_mean ------------------------------------------------------------------------
     @staticmethod
@@ -496,7 +531,7 @@ class TritonBackend(Backend):
         if B == 0 or C == 0:
             return
         _ensemble_fwd_kernel[(B,)](inp, out, K, B, C, SPACE=_SPACE_CODES[space],
-                                   BLOCK_C=block_c, num_warps=nw)
+                                   BLOCK_C=block_c, num_warps=nw, enable_fp_fusion=FP_FUSION)
 
     def ensemble_mean_bwd(self, grad_out, inp, out, grad_in, space):
         K, B, C, block_c, nw = self._ens_dims(inp, out)
@@ -505,4 +540,4 @@ class TritonBackend(Backend):
         _ensemble_bwd_kernel[(B,)](grad_out, inp, out, grad_in, K, B, C,
                                    SPACE=_SPACE_CODES[space],
                                    RECOMPUTE_OUT=out.dtype != torch.float32,
-                                   BLOCK_C=block_c, num_warps=nw)
+                                   BLOCK_C=block_c, num_warps=nw, enable_fp_fusion=FP_FUSION)

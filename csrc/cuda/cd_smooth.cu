@@ -36,7 +36,7 @@ cd_smooth_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, uint64_t n,
                      const float* __restrict__ sigma, float sigma_value, uint64_t chan_stride,
                      uint32_t C, uint32_t K, const int64_t* __restrict__ seed_ptr,
                      uint64_t offset, bool vec) {
-  const uint64_t seed = (uint64_t)__ldg(seed_ptr);
+  const cdk::PhiloxKeys PK = cdk::philox_keys((uint64_t)__ldg(seed_ptr));
   const bool perchan = sigma != nullptr && C > 1;
   const float s_const = sigma != nullptr ? __ldg(sigma) : sigma_value;
   const float Kf = (float)K;
@@ -49,7 +49,7 @@ cd_smooth_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, uint64_t n,
     sigma_block(sigma, s_const, perchan, e, chan_stride, C, s);
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (uint32_t k = 0; k < K; ++k) {
-      const cdk::Normals4 nz = cdk::stream_normals(seed, offset + i, k);
+      const cdk::Normals4 nz = cdk::keyed_normals(PK, offset + i, k);
       const float eps[4] = {nz.n0, nz.n1, nz.n2, nz.n3};
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc[j] += A::f(__fadd_rn(xv[j], __fmul_rn(s[j], eps[j])));
@@ -74,7 +74,7 @@ cd_smooth_bwd_kernel(const T* __restrict__ gy, const T* __restrict__ x, T* __res
     for (uint32_t c = threadIdx.x; c < C; c += blockDim.x) sbins[c] = 0.0f;
     __syncthreads();
   }
-  const uint64_t seed = (uint64_t)__ldg(seed_ptr);
+  const cdk::PhiloxKeys PK = cdk::philox_keys((uint64_t)__ldg(seed_ptr));
   const bool perchan = sigma != nullptr && C > 1;
   const bool need_ds = red != kRedNone;
   const float s_const = sigma != nullptr ? __ldg(sigma) : sigma_value;
@@ -95,7 +95,7 @@ cd_smooth_bwd_kernel(const T* __restrict__ gy, const T* __restrict__ x, T* __res
       sigma_block(sigma, s_const, perchan, e, chan_stride, C, s);
       float dx[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ds[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       for (uint32_t k = 0; k < K; ++k) {
-        const cdk::Normals4 nz = cdk::stream_normals(seed, offset + i, k);
+        const cdk::Normals4 nz = cdk::keyed_normals(PK, offset + i, k);
         const float eps[4] = {nz.n0, nz.n1, nz.n2, nz.n3};
 #pragma unroll
         for (int j = 0; j < 4; ++j) {

@@ -41,6 +41,8 @@ class DeviceGuard {
 
 inline cudaStream_t as_stream(uintptr_t s) { return reinterpret_cast<cudaStream_t>(s); }
 
+constexpr int kThreads = 256;  // block size of the elementwise kernels
+
 // Grid for a grid-stride loop over `work` thread-items: enough blocks to cover the work, at most
 // what is resident at once (a few blocks per SM; occupancy-derived). Always >= 1.
 template <typename Kernel>
@@ -54,6 +56,32 @@ inline unsigned grid_for(Kernel* kernel, int threads, uint64_t work, size_t dyn_
 
 inline bool aligned_to(uintptr_t p, uintptr_t a) { return (p % a) == 0; }
 
+constexpr int kGridWaves = 4;  // grids of several waves: a busy SM delays 1/4 of the work, not all
+
+#ifndef CDK_EMULATE
+// The launcher the shared dispatchers (cd_step.cu, ...) use on a real GPU; the host emulator
+// supplies its own with the same two members.
+struct CudaLauncher {
+  cudaStream_t st;
+  const char* name;
+  // Grid for `work` thread-items of kThreads-thread blocks: kGridWaves times what is resident,
+  // rounded up to a multiple of `multiple`, but never more blocks than the work needs.
+  template <typename Kernel>
+  unsigned grid(Kernel* kernel, uint64_t work, size_t dyn_smem, uint64_t multiple) const {
+    const uint64_t need = (work + kThreads - 1) / kThreads;
+    uint64_t g = (uint64_t)grid_capacity((const void*)kernel, kThreads, dyn_smem) * kGridWaves;
+    if (multiple > 1) g = (g + multiple - 1) / multiple * multiple;
+    g = std::min<uint64_t>(std::min<uint64_t>(g, need), (uint64_t)INT32_MAX);
+    return (unsigned)std::max<uint64_t>(g, 1);
+  }
+  template <typename Kernel, typename... Args>
+  void launch(Kernel* kernel, unsigned grid, size_t dyn_smem, Args... args) const {
+    kernel<<<grid, kThreads, dyn_smem, st>>>(args...);
+    check_launch(name);
+  }
+};
+#endif
+
 // Dispatch helpers. `code` is a DTypeCode / ActCode; the body sees a type alias.
 #define CDK_DISPATCH_DTYPE(code, T, ...)                                                     \
   switch (code) {                                                                            \
@@ -66,7 +94,6 @@ inline bool aligned_to(uintptr_t p, uintptr_t a) { return (p % a) == 0; }
 
 // ============================== device side ==================================================
 
-constexpr int kThreads = 256;  // block size of the elementwise kernels
 
 // The block's dynamic shared memory (behind a helper so a host emulation can supply it).
 #ifndef CDK_EMULATE
@@ -135,6 +162,39 @@ template <typename T> struct Pack4_16 {
 };
 template <> struct Pack4<__half> : Pack4_16<__half> {};
 template <> struct Pack4<__nv_bfloat16> : Pack4_16<__nv_bfloat16> {};
+
+// Philox blocks per 16-byte vector of T: 1 for fp32, 2 for 16-bit data.
+template <typename T> constexpr int kBPI = 16 / (4 * (int)sizeof(T));
+
+// 16-byte loads/stores of 4*BPI elements.
+template <typename T> struct Vec16;
+template <> struct Vec16<float> {
+  __device__ __forceinline__ static void load(const float* p, float v[4]) {
+    Pack4<float>::load_cs(p, v);
+  }
+  __device__ __forceinline__ static void store(float* p, const float v[4]) {
+    Pack4<float>::store(p, v);
+  }
+};
+template <typename T> struct Vec16_16 {
+  __device__ __forceinline__ static void load(const T* p, float v[8]) {
+    const uint4 t = __ldcs(reinterpret_cast<const uint4*>(p));
+    const uint32_t w[4] = {t.x, t.y, t.z, t.w};
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      v[2 * k] = bits16_to_f<T>(w[k]);
+      v[2 * k + 1] = bits16_to_f<T>(w[k] >> 16);
+    }
+  }
+  __device__ __forceinline__ static void store(T* p, const float v[8]) {
+    uint32_t w[4];
+#pragma unroll
+    for (int k = 0; k < 4; ++k) w[k] = f_to_bits16<T>(v[2 * k]) | (f_to_bits16<T>(v[2 * k + 1]) << 16);
+    *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
+  }
+};
+template <> struct Vec16<__half> : Vec16_16<__half> {};
+template <> struct Vec16<__nv_bfloat16> : Vec16_16<__nv_bfloat16> {};
 
 // Elements e..e+3 of p (those < n; the others read as 0). `vec`: every pointer of the call is
 // 4-element aligned (host-checked, uniform), so a full block may use one wide access.

@@ -181,6 +181,7 @@ inline T warp_exchange(T v, int src_lane) {
 #define __device__
 #define __host__
 #define __forceinline__ inline
+#define __noinline__ __attribute__((noinline))
 #define __shared__ static
 #define __launch_bounds__(...)
 

@@ -18,6 +18,22 @@ using cdk_emu::launch;
 static unsigned cap_grid(uint64_t work, int threads, unsigned cap) {
   uint64_t g = (work + threads - 1) / threads; if (g > cap) g = cap; if (g < 1) g = 1; return (unsigned)g;
 }
+// The emulator's side of the shared dispatchers: the grid is capped at `cap` blocks (so loops
+// iterate); a grid multiple the dispatcher asks for is honoured when it fits under 2*cap, so
+// both the fixed-channel and the per-iteration channel paths run.
+struct EmuLauncher {
+  unsigned cap;
+  template <typename Kernel>
+  unsigned grid(Kernel*, uint64_t work, size_t, uint64_t multiple) const {
+    unsigned g = cap_grid(work, kThreads, cap);
+    if (multiple > 1 && multiple <= 2 * (uint64_t)cap && g >= cap) g = (unsigned)multiple;
+    return g;
+  }
+  template <typename Kernel, typename... Args>
+  void launch(Kernel* kernel, unsigned grid, size_t smem, Args... args) const {
+    cdk_emu::launch(grid, kThreads, smem, [&] { kernel(args...); });
+  }
+};
 #define DT(code, T, ...) switch (code) { case 0: { using T = float; __VA_ARGS__; } break; \
   case 1: { using T = __half; __VA_ARGS__; } break; case 2: { using T = __nv_bfloat16; __VA_ARGS__; } break; }
 
@@ -32,49 +48,21 @@ void emu_uniform(float* out, int64_t n, const int64_t* seed, uint64_t off, uint3
 }
 void emu_normal(int dtype, void* out, int64_t n, const int64_t* seed, uint64_t off, uint32_t sample, unsigned cap) {
   uint64_t nblk = (n + 3) / 4;
-  DT(dtype, T, launch(cap_grid(nblk, kThreads, cap), kThreads, 0, [&] { normal_kernel<T>((T*)out, n, seed, off, sample, ((uintptr_t)out) % (4 * sizeof(T)) == 0); }));
+  DT(dtype, T, launch(cap_grid(nblk, kThreads, cap), kThreads, 0, [&] { normal_kernel<T>((T*)out, n, seed, off, sample, ((uintptr_t)out) % 16 == 0); }));
 }
 void emu_cd_step_fwd(int dtype, int64_t n, uintptr_t x, uintptr_t f, uintptr_t y, double dt, uintptr_t sigma,
                      double sigma_value, int64_t C, int64_t cs, const int64_t* seed, uint64_t off, int act,
                      unsigned cap, int idx64) {
   cs = std::min(cs, n);
-  uint64_t nblk = (n + 3) / 4;
-  DT(dtype, T, {
-    const size_t a = 4 * sizeof(T);
-    const bool vec = x % a == 0 && f % a == 0 && y % a == 0;
-    const float dtf = (float)dt, sq = (float)std::sqrt(dt), cc = (float)(sigma_value * std::sqrt(dt));
-    const bool pc = sigma != 0 && C > 1;
-    auto go = [&](auto kern, auto I0) {
-      using I = decltype(I0);
-      launch(cap_grid(nblk, kThreads, cap), kThreads, 0, [&] {
-        kern((const T*)x, (const T*)f, (T*)y, (I)n, dtf, sq, (const float*)sigma, cc, (I)cs, (uint32_t)C, seed, off, vec); });
-    };
-#define STEPF(R, I, P) go(cd_step_fwd_kernel<T, R, I, P>, (I)0)
-    if (act == 1) { if (idx64) { if (pc) STEPF(true, uint64_t, true); else STEPF(true, uint64_t, false); }
-                    else { if (pc) STEPF(true, uint32_t, true); else STEPF(true, uint32_t, false); } }
-    else { if (idx64) { if (pc) STEPF(false, uint64_t, true); else STEPF(false, uint64_t, false); }
-           else { if (pc) STEPF(false, uint32_t, true); else STEPF(false, uint32_t, false); } }
-  });
+  EmuLauncher Lr{cap};
+  step_fwd_dispatch(Lr, idx64 != 0, dtype, n, x, f, y, dt, sigma, sigma_value, C, cs, (uintptr_t)seed, off, act);
 }
 void emu_cd_step_bwd(int dtype, int64_t n, uintptr_t gy, uintptr_t y, uintptr_t gx, uintptr_t gf, uintptr_t gs,
                      double dt, int64_t C, int64_t cs, const int64_t* seed, uint64_t off, int act, unsigned cap, int idx64) {
+  if (n <= 0 || (gx == 0 && gf == 0 && gs == 0)) return;
   cs = std::min(cs, n);
-  uint64_t nblk = (n + 3) / 4;
-  const int red = choose_red_mode(gs != 0, C);
-  const size_t smem = red == kRedSmem ? C * 4 : 0;
-  DT(dtype, T, {
-    const size_t a = 4 * sizeof(T);
-    const bool vec = gy % a == 0 && y % a == 0 && gx % a == 0 && gf % a == 0;
-    auto go = [&](auto kern, auto I0) {
-      using I = decltype(I0);
-      launch(cap_grid(nblk, kThreads, cap), kThreads, smem, [&] {
-        kern((const T*)gy, (const T*)y, (T*)gx, (T*)gf, (float*)gs, (I)n, (float)dt, (I)cs, (uint32_t)C, seed, off, vec); });
-    };
-#define STEPB(R, I) switch (red) { case 0: go(cd_step_bwd_kernel<T, R, I, 0>, (I)0); break; case 1: go(cd_step_bwd_kernel<T, R, I, 1>, (I)0); break; \
-      case 2: go(cd_step_bwd_kernel<T, R, I, 2>, (I)0); break; default: go(cd_step_bwd_kernel<T, R, I, 3>, (I)0); }
-    if (act == 1) { if (idx64) { STEPB(true, uint64_t) } else { STEPB(true, uint32_t) } }
-    else { if (idx64) { STEPB(false, uint64_t) } else { STEPB(false, uint32_t) } }
-  });
+  EmuLauncher Lr{cap};
+  step_bwd_dispatch(Lr, idx64 != 0, dtype, n, gy, y, gx, gf, gs, dt, C, cs, (uintptr_t)seed, off, act);
 }
 void emu_cd_smooth_fwd(int dtype, int64_t n, uintptr_t x, uintptr_t y, uintptr_t sigma, double sv, int64_t C, int64_t cs,
                        int64_t K, const int64_t* seed, uint64_t off, int act, unsigned cap) {
