@@ -153,14 +153,7 @@ class Progress:
         self.done.append((unit, cached))
 
 
-def train_unit(cfg, arm, seed, device, work, data_dir):
-    """Train (or resume, or reuse) the model of (arm, seed); returns its summary."""
-    out = os.path.join(work, f"{arm}_s{seed}")
-    summ = os.path.join(out, "summary.json")
-    if os.path.isfile(summ):
-        s = json.load(open(summ))
-        if s.get("finished") and s.get("epochs_done") == cfg["epochs"]:
-            return s, True
+def train_argv(cfg, arm, seed, device, out, data_dir):
     _, margs = arm_args(cfg, arm)
     argv = margs + ["--data", cfg["data"], "--width", str(cfg["width"]), "--epochs",
                     str(cfg["epochs"]), "--batch-size", str(cfg["batch_size"]), "--lr",
@@ -180,9 +173,35 @@ def train_unit(cfg, arm, seed, device, work, data_dir):
         argv += ["--adv-train", "pgd", "--eps", str(cfg["adv_eps"]), "--adv-steps",
                  str(cfg["adv_steps"]), "--adv-eot", "2"]
     argv += cfg["train_extra"] if device.startswith("cuda") else []
+    return argv
+
+
+def _same_run(ck_path, argv) -> bool:
+    """Was ck_path made with these training settings (all but --epochs, which may grow)?"""
+    try:
+        old = torch.load(ck_path, map_location="cpu", weights_only=True)["config"]
+    except Exception:
+        return False
+    args = T.build_parser().parse_args(argv)
+    T.validate(args)
+    new = T.config_of(args, 1)
+    return all(old.get(k) == v for k, v in new.items() if k != "epochs") \
+        and old.get("epochs", 0) <= new["epochs"]
+
+
+def train_unit(cfg, arm, seed, device, work, data_dir):
+    """Train the model of (arm, seed), or resume it, or reuse it when it is finished; the
+    checkpoint's recorded settings must match, else it is trained afresh."""
+    out = os.path.join(work, f"{arm}_s{seed}")
+    summ = os.path.join(out, "summary.json")
     ck = os.path.join(out, "checkpoint.pt")
-    argv += ["--resume"] if os.path.isfile(ck) else ["--overwrite"]
-    rc = T.main(argv)
+    argv = train_argv(cfg, arm, seed, device, out, data_dir)
+    same = os.path.isfile(ck) and _same_run(ck, argv)
+    if same and os.path.isfile(summ):
+        s = json.load(open(summ))
+        if s.get("finished") and s.get("epochs_done") == cfg["epochs"]:
+            return s, True
+    rc = T.main(argv + (["--resume"] if same else ["--overwrite"]))
     if rc != 0:
         raise RuntimeError(f"training failed ({rc}): python -m cdkernels.train "
                            + " ".join(argv))
@@ -209,9 +228,12 @@ def eval_unit(cfg, arm, seed, device, work, data_dir, log):
     out = os.path.join(work, f"{arm}_s{seed}")
     es = eval_settings(cfg, seed)
     path = os.path.join(out, f"eval_{_hash(es)}.json")
+    best = os.path.join(out, "best.pt")
+    if os.path.isfile(path) and os.path.getmtime(path) < os.path.getmtime(best):
+        os.remove(path)  # the model was retrained since: evaluate the new one
     if os.path.isfile(path):
         return json.load(open(path)), True
-    model, data, tcfg = A.load_model(os.path.join(out, "best.pt"), torch.device(device),
+    model, data, tcfg = A.load_model(best, torch.device(device),
                                      data_dir=data_dir)
     noisy = tcfg["noise"] != "none"
     K, M = (cfg["K"], cfg["M"]) if noisy else (None, 1)

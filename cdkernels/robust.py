@@ -196,6 +196,7 @@ def attack_loss(lp: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torch.Te
     z_(1) - z_(3) (Croce & Hein's difference of logits ratio, shift and scale invariant).
     The margins keep pushing once the example is misclassified and do not saturate like the
     cross-entropy of a confident model."""
+    _check_loss(loss)
     if loss == "ce":
         return -lp.gather(1, y[:, None]).squeeze(1)
     zy = lp.gather(1, y[:, None]).squeeze(1)
