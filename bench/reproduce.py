@@ -304,7 +304,8 @@ def tables(cfg, arms, seeds, summaries, evals) -> str:
               "intervals pooled over seeds; noise-off and noise-to-signal from the training "
               "summaries, mean over seeds)", "",
               f"| arm | natural % (K={cfg['K']}, noise on) | Δ natural vs none (paired, boot. "
-              "95 %) | natural % noise off (full test set) | realised noise/signal per block "
+              "95 %) | natural % noise off (training's test evaluation) | realised noise/signal per "
+              "block "
               "(mean; min–max) | best epoch | train min |", "|---|---|---|---|---|---|---|"]
     for a in arms:
         ok = [evals[(a, s)]["natural"]["natural_ok"] for s in seeds]
