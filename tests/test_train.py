@@ -146,6 +146,7 @@ def test_version_and_help(capsys):
         assert cdkernels.__version__ in capsys.readouterr().out
         p = mod.build_parser()
         assert p.formatter_class is __import__("argparse").ArgumentDefaultsHelpFormatter
+        assert "(default: " in p.format_help()  # renders (a stray % in a help text would not)
         for act in p._actions:
             if act.option_strings and act.help != "==SUPPRESS==":
                 assert act.help, act.option_strings  # every visible option is explained
