@@ -1,22 +1,39 @@
-"""Reproduce the robustness table of docs/results.md (project issue #5).
+"""The robustness table of docs/results.md (project issue 10): does the noise buy robustness,
+and at what price?
 
-Fashion-MNIST (real, offline). Models: CD-PreActResNet-20 with noise none / em / std and a
-5-member EnResNet-20 (std noise); standard training and (full run) PGD adversarial training;
-several seeds each, mean ± std over seeds. Every model is trained with ``cdkernels.train``
-(model selection on the validation split only: best.pt) and attacked with ``cdkernels.robust``
-in pixel space [0, 1]:
+Protocol (``--mode cpu``, the default; sized for a 2-core CPU VM): Fashion-MNIST, the full
+54k/6k train/validation split, CD-PreActResNet-20 of width 16, four arms that differ only in
+the noise (none; em sigma; std coef 0.1; std coef 0.3), three paired seeds (the same seed gives
+the same initial weights, data order and augmentation in every arm), 5 epochs, cosine
+schedule. Each model is selected on validation only (noise on, Monte-Carlo K=4; see
+``cdkernels.train``) and then evaluated on the first ``n_test`` test images in pixel space:
 
-  natural   K-sample Monte-Carlo inference (noise on; K = 1 for noise "none")
-  FGSM      L-inf, eps, gradient averaged over M noise draws (EOT), through the K-sample model
-  PGD+EOT   L-inf PGD (random start), S steps, EOT M, through the K-sample model
-  PGD-frozen the same PGD on the network with frozen noise (white box), evaluated frozen
+  natural    K-sample Monte-Carlo accuracy with noise on (K = 1 for noise none), beside every
+             robust number; also the noise-off accuracy and the realised noise-to-signal
+             ratio per block, from the training summary
+  FGSM, PGD  L-inf, at every eps of the radius sweep; gradients through the K-sample model,
+             averaged over M noise draws (EOT); PGD with random start
+  frozen     PGD against the network with frozen noise (white box) at one eps
+  cross-check  APGD-CE with EOT from torchattacks (optional extra cdkernels[attacks]) at one
+             eps, on a subset, seed 0 only
+  convergence  seed 0: K and EOT raised, PGD with more steps and restarts, at one eps on a
+             subset; the table's number must not move by more than its interval
 
-    python bench/reproduce.py --quick          # reduced CPU version (< 15 min on 2 cores)
-    python bench/reproduce.py --device cuda    # full version (GPU; --cuda-graph, bf16)
+Statistics: Wilson 95 % intervals per cell (pooled over seeds); paired differences to the
+noise-free arm (same seeds, same images) with bootstrap 95 % intervals over images and seeds.
 
-``--quick`` shrinks width, epochs, training subset and test subset (never the number of seeds)
-and labels every output "REDUCED". Results: ``--json`` (per-seed records) and the Markdown
-table written into ``--md`` (docs/results.md) between the markers of the chosen mode.
+Resumable and cached: every (arm, seed) is trained once (``--work``/ARM_sSEED, resumed from
+its checkpoint if stopped) and evaluated once (eval_*.json keyed by the evaluation settings);
+a rerun only does what is missing, then rebuilds the table. A progress line says what is done
+and what remains.
+
+    python bench/reproduce.py --quick            # CI smoke test: digits, tiny, ~1 min
+    python bench/reproduce.py                    # the CPU protocol (hours on 2 cores)
+    python bench/reproduce.py --mode gpu --device cuda   # the GPU protocol (see MODES)
+
+Any setting can be overridden (``--seeds``, ``--epochs``, ``--limit-train``, ``--n-test``,
+``--eps``, ...); the output states the settings actually used and which ones differ from the
+protocol of the mode.
 """
 from __future__ import annotations
 
@@ -24,18 +41,18 @@ import argparse
 import copy
 import datetime
 import functools
+import hashlib
 import json
 import os
 import platform
-import statistics
 import sys
-import tempfile
 import time
 import warnings
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cdkernels  # noqa: E402
 from cdkernels import attack as A  # noqa: E402
 from cdkernels import data as D  # noqa: E402
 from cdkernels import robust as R  # noqa: E402
@@ -44,36 +61,56 @@ from cdkernels import train as T  # noqa: E402
 warnings.filterwarnings("ignore", message="cdkernels: using backend")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-MODELS = [  # (label, train CLI arguments)
-    ("CD-PreActResNet-20, noise none", ["--model", "cd_preact_resnet20", "--noise", "none"]),
-    ("CD-PreActResNet-20, noise em (σ=0.1)", ["--model", "cd_preact_resnet20", "--noise", "em",
-                                              "--sigma", "0.1"]),
-    ("CD-PreActResNet-20, noise std (coef 0.1)", ["--model", "cd_preact_resnet20", "--noise",
-                                                  "std", "--sigma", "0.1"]),
-    ("EnResNet-20 ×5 (std, coef 0.1)", ["--model", "enresnet20", "--members", "5", "--noise",
-                                        "std", "--sigma", "0.1"]),
-]
-
-CONFIGS = {
-    # Reduced CPU version: width 4, 3 000 training images, 3 epochs, 200 test images.
-    # PGD-3 adversarial training for the single networks only: the 5-member ensemble's
-    # adversarial training would push the run past 15 minutes on 2 cores.
-    "quick": dict(width=4, limit_train=3000, epochs=3, batch_size=64, lr=0.1,
-                  limit_eval=500, n_test=200, K=2, M=2, steps=10, eps=0.1, adv=True,
-                  adv_ensembles=False, adv_steps=3, train_extra=[]),
-    # Full version (GPU): width 16, all 54 000 training images, 10 epochs, CUDA graph + bf16,
-    # 1 000 test images, K=8, M=4, PGD-20; adversarial training with PGD-5.
-    "full": dict(width=16, limit_train=None, epochs=10, batch_size=256, lr=0.1,
-                 limit_eval=2000, n_test=1000, K=8, M=4, steps=20, eps=0.1, adv=True,
-                 adv_ensembles=True, adv_steps=5, train_extra=["--cuda-graph", "--amp", "bf16"]),
+ARMS = {  # name -> (label, train CLI arguments); the dose sweep
+    "none": ("noise none", ["--noise", "none"]),
+    "em": ("em σ={em_sigma}", ["--noise", "em", "--sigma", "{em_sigma}"]),
+    "std0.1": ("std coef 0.1", ["--noise", "std", "--sigma", "0.1"]),
+    "std0.3": ("std coef 0.3", ["--noise", "std", "--sigma", "0.3"]),
+    # GPU protocol only: an EnResNet ensemble and the noise-free ensemble of the same size
+    "en5-std0.1": ("EnResNet-20 ×5, std 0.1", ["--model", "enresnet20", "--members", "5",
+                                               "--noise", "std", "--sigma", "0.1"]),
+    "en5-none": ("ResNet-20 ensemble ×5, noise none", ["--model", "enresnet20", "--members",
+                                                      "5", "--noise", "none"]),
 }
+
+MODES = {
+    # Issue 10 §3. bf16 autocast is not used: on this VM's AVX2-only CPU it measured 7x
+    # SLOWER than fp32 (em, width 16, 1 thread: 53 vs 7.2 ms per training image).
+    "cpu": dict(data="fashion-mnist", model="cd_preact_resnet20", width=16, limit_train=None,
+                epochs=5, batch_size=128, lr=0.1, amp=None, arms=["none", "em", "std0.1",
+                                                                  "std0.3"],
+                seeds=3, em_sigma=0.1, select_k=4, limit_eval=None, n_test=1000,
+                eps=[0.01, 0.02, 0.03, 0.05, 0.1], K=2, M=2, steps=10, frozen_eps=0.03,
+                cross_eps=0.03, cross_n=100, cross_steps=20, conv_eps=0.03, conv_n=200,
+                conv_K=8, conv_M=8, conv_steps=50, conv_restarts=3, adv=False, train_extra=[]),
+    # CI smoke test: every code path, digits (embedded), seconds per unit. Numbers mean nothing.
+    "quick": dict(data="digits", model="cd_preact_resnet20", width=4, limit_train=256,
+                  epochs=1, batch_size=64, lr=0.05, amp=None, arms=["none", "em", "std0.1",
+                                                                    "std0.3"],
+                  seeds=1, em_sigma=0.1, select_k=2, limit_eval=100, n_test=40,
+                  eps=[0.05, 0.1], K=2, M=2, steps=3, frozen_eps=0.1, cross_eps=0.1,
+                  cross_n=20, cross_steps=3, conv_eps=0.1, conv_n=20, conv_K=3, conv_M=3,
+                  conv_steps=4, conv_restarts=2, adv=False, train_extra=[]),
+    # GPU protocol (not run yet): more seeds, the ensembles, adversarial training of every arm.
+    "gpu": dict(data="fashion-mnist", model="cd_preact_resnet20", width=16, limit_train=None,
+                epochs=10, batch_size=256, lr=0.1, amp="bf16",
+                arms=["none", "em", "std0.1", "std0.3", "en5-std0.1", "en5-none"], seeds=5,
+                em_sigma=0.1, select_k=8, limit_eval=None, n_test=10000,
+                eps=[0.01, 0.02, 0.03, 0.05, 0.1], K=8, M=8, steps=20, frozen_eps=0.03,
+                cross_eps=0.03, cross_n=1000, cross_steps=50, conv_eps=0.03, conv_n=1000,
+                conv_K=16, conv_M=16, conv_steps=100, conv_restarts=5, adv=True, adv_steps=7,
+                adv_eps=0.1, train_extra=["--cuda-graph"]),
+}
+OVERRIDABLE = ("seeds", "epochs", "limit_train", "n_test", "width", "batch_size", "lr",
+               "em_sigma", "K", "M", "steps", "limit_eval", "select_k", "cross_n",
+               "cross_steps", "conv_n", "conv_K", "conv_M", "conv_steps", "conv_restarts")
 
 
 def _cached_load():
     """D.load cached per arguments (a shallow copy each time: train mutates pad/flip/splits)."""
     orig = D.load
 
-    @functools.lru_cache(maxsize=4)
+    @functools.lru_cache(maxsize=2)
     def cached(name, data_dir, device, val_fraction, limit_train):
         return orig(name, data_dir, device=device, val_fraction=val_fraction,
                     limit_train=limit_train)
@@ -83,88 +120,271 @@ def _cached_load():
     return load
 
 
-def run_one(label, margs, adv, seed, cfg, device, work, log):
-    out = os.path.join(work, f"{margs[1]}_{margs[3]}_{'adv' if adv else 'std'}_s{seed}")
-    argv = margs + ["--data", "fashion-mnist", "--width", str(cfg["width"]), "--epochs",
+def arm_args(cfg, arm):
+    label, a = ARMS[arm]
+    label = label.format(em_sigma=cfg["em_sigma"])
+    a = [x.format(em_sigma=cfg["em_sigma"]) for x in a]
+    if "--model" not in a:
+        a = ["--model", cfg["model"]] + a
+    return label, a
+
+
+def _hash(d) -> str:
+    return hashlib.sha1(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
+
+
+class Progress:
+    """One line per step: what is done, what runs now, what remains, and a rough ETA."""
+
+    def __init__(self, units, log):
+        self.units, self.done, self.log, self.t0 = list(units), [], log, time.time()
+
+    def start(self, unit, cached=False):
+        el = time.time() - self.t0
+        run_done = [u for u in self.done if not u[1]]
+        eta = ""
+        if run_done:
+            left = len(self.units) - len(self.done)
+            eta = f", ~{el / len(run_done) * left / 60:.0f} min left at this pace"
+        self.log(f"[{len(self.done)}/{len(self.units)} done, {el / 60:.1f} min{eta}] "
+                 f"{'cached' if cached else 'now'}: {unit}")
+
+    def finish(self, unit, cached=False):
+        self.done.append((unit, cached))
+
+
+def train_argv(cfg, arm, seed, device, out, data_dir):
+    _, margs = arm_args(cfg, arm)
+    argv = margs + ["--data", cfg["data"], "--width", str(cfg["width"]), "--epochs",
                     str(cfg["epochs"]), "--batch-size", str(cfg["batch_size"]), "--lr",
-                    str(cfg["lr"]), "--seed", str(seed), "--limit-eval", str(cfg["limit_eval"]),
-                    "--out", out, "--overwrite", "--quiet", "--device", device]
-    argv += cfg["train_extra"]
+                    str(cfg["lr"]), "--seed", str(seed), "--out", out, "--quiet",
+                    "--device", device]
+    if margs[margs.index("--noise") + 1] != "none":  # selection on K noise-on samples
+        argv += ["--mc-samples", str(cfg["select_k"])]
+    if data_dir:
+        argv += ["--data-dir", data_dir]
+    if cfg["amp"]:
+        argv += ["--amp", cfg["amp"]]
     if cfg["limit_train"]:
         argv += ["--limit-train", str(cfg["limit_train"])]
-    if adv:
-        argv += ["--adv-train", "pgd", "--eps", str(cfg["eps"]), "--adv-steps",
-                 str(cfg["adv_steps"])]
-    t0 = time.time()
-    rc = T.main(argv)
+    if cfg["limit_eval"]:
+        argv += ["--limit-eval", str(cfg["limit_eval"])]
+    if cfg.get("adv"):
+        argv += ["--adv-train", "pgd", "--eps", str(cfg["adv_eps"]), "--adv-steps",
+                 str(cfg["adv_steps"]), "--adv-eot", "2"]
+    argv += cfg["train_extra"] if device.startswith("cuda") else []
+    return argv
+
+
+def _same_run(ck_path, argv) -> bool:
+    """Was ck_path made with these training settings (all but --epochs, which may grow)?"""
+    try:
+        old = torch.load(ck_path, map_location="cpu", weights_only=True)["config"]
+    except Exception:
+        return False
+    args = T.build_parser().parse_args(argv)
+    T.validate(args)
+    new = T.config_of(args, 1)
+    return all(old.get(k) == v for k, v in new.items() if k != "epochs") \
+        and old.get("epochs", 0) <= new["epochs"]
+
+
+def train_unit(cfg, arm, seed, device, work, data_dir):
+    """Train the model of (arm, seed), or resume it, or reuse it when it is finished; the
+    checkpoint's recorded settings must match, else it is trained afresh."""
+    out = os.path.join(work, f"{arm}_s{seed}")
+    summ = os.path.join(out, "summary.json")
+    ck = os.path.join(out, "checkpoint.pt")
+    argv = train_argv(cfg, arm, seed, device, out, data_dir)
+    same = os.path.isfile(ck) and _same_run(ck, argv)
+    if same and os.path.isfile(summ):
+        s = json.load(open(summ))
+        if s.get("finished") and s.get("epochs_done") == cfg["epochs"]:
+            return s, True
+    rc = T.main(argv + (["--resume"] if same else ["--overwrite"]))
     if rc != 0:
-        raise RuntimeError(f"training failed ({rc}): {' '.join(argv)}")
-    summ = json.load(open(os.path.join(out, "summary.json")))
-    t_train = time.time() - t0
-    model, data, tcfg = A.load_model(os.path.join(out, "best.pt"), torch.device(device))
+        raise RuntimeError(f"training failed ({rc}): python -m cdkernels.train "
+                           + " ".join(argv))
+    return json.load(open(summ)), False
+
+
+def eval_settings(cfg, seed):
+    keys = ("n_test", "eps", "K", "M", "steps", "frozen_eps", "cross_eps", "cross_n",
+            "cross_steps", "conv_eps", "conv_n", "conv_K", "conv_M", "conv_steps",
+            "conv_restarts")
+    return {k: cfg[k] for k in keys} | {"seed": seed}
+
+
+def _keep(r):
+    return {k: r[k] for k in ("attack", "eps", "steps", "eot", "loss", "restarts",
+                              "frozen_noise", "n", "natural_acc", "robust_acc", "natural_ci95",
+                              "robust_ci95", "gradient_masking_suspected",
+                              "gradient_masking_reasons", "random_noise_acc", "grad_l1_mean",
+                              "natural_ok", "robust_ok", "time_s") if k in r}
+
+
+def eval_unit(cfg, arm, seed, device, work, data_dir, log):
+    """Attack the selected model of (arm, seed); cached in eval_HASH.json."""
+    out = os.path.join(work, f"{arm}_s{seed}")
+    es = eval_settings(cfg, seed)
+    path = os.path.join(out, f"eval_{_hash(es)}.json")
+    best = os.path.join(out, "best.pt")
+    if os.path.isfile(path) and os.path.getmtime(path) < os.path.getmtime(best):
+        os.remove(path)  # the model was retrained since: evaluate the new one
+    if os.path.isfile(path):
+        return json.load(open(path)), True
+    model, data, tcfg = A.load_model(best, torch.device(device),
+                                     data_dir=data_dir)
     noisy = tcfg["noise"] != "none"
-    K = cfg["K"] if noisy else None
-    M = cfg["M"] if noisy else 1
+    K, M = (cfg["K"], cfg["M"]) if noisy else (None, 1)
     net = A.wrap(model, data, K, "prob")
     batches = A.pixel_batches(data, data.test, 250, cfg["n_test"])
-    common = dict(eps=cfg["eps"], norm="linf", seed=1000 + seed)
-    t1 = time.time()
-    res = {
-        "natural": R.evaluate_attack(net, batches, "none", **dict(common, eps=0.0),
-                                     random_baseline=False, grad_check=False),
-        "fgsm": R.evaluate_attack(net, batches, "fgsm", eot=M, **common),
-        "pgd_eot": R.evaluate_attack(net, batches, "pgd", steps=cfg["steps"], eot=M, **common),
-        "pgd_frozen": R.evaluate_attack(net, batches, "pgd", steps=cfg["steps"], frozen=True,
-                                        **common),
-    }
-    t_att = time.time() - t1
-    rec = {"label": label, "adv": adv, "seed": seed, "K": K, "M": M,
-           "train_time_s": summ["time_s"], "train_wall_s": t_train, "attack_time_s": t_att,
-           "best_val_acc": summ["best_val_acc"], "best_epoch": summ["best_epoch"],
-           "test_acc_noise_off": summ["test_acc_at_best_val"],
-           **{k: {kk: v[kk] for kk in ("natural_acc", "robust_acc", "robust_ci95", "n",
-                                       "gradient_masking_suspected", "random_noise_acc",
-                                       "grad_l1_mean") if kk in v} for k, v in res.items()}}
-    log(f"{label} {'adv' if adv else 'std'} seed {seed}: nat {res['natural']['natural_acc']:.3f}"
-        f" fgsm {res['fgsm']['robust_acc']:.3f} pgd {res['pgd_eot']['robust_acc']:.3f} frozen "
-        f"{res['pgd_frozen']['robust_acc']:.3f} | train {t_train:.1f}s attack {t_att:.1f}s")
-    return rec
+    ev = functools.partial(R.evaluate_attack, seed=1000 + seed, per_example=True)
+    t0 = time.time()
+    res = {"settings": es, "arm": arm, "seed": seed, "K": K, "M": M, "noisy": noisy}
+    res["natural"] = _keep(ev(net, batches, "none", random_baseline=False, grad_check=False))
+    res["fgsm"], res["pgd"] = {}, {}
+    for eps in cfg["eps"]:
+        res["fgsm"][str(eps)] = _keep(ev(net, batches, "fgsm", eps=eps, eot=M,
+                                         random_baseline=False, grad_check=False))
+        res["pgd"][str(eps)] = _keep(ev(net, batches, "pgd", eps=eps, steps=cfg["steps"],
+                                        eot=M))
+        log(f"    {arm} s{seed} eps {eps}: FGSM {res['fgsm'][str(eps)]['robust_acc']:.3f} "
+            f"PGD {res['pgd'][str(eps)]['robust_acc']:.3f} ({time.time() - t0:.0f}s)")
+    if noisy:
+        res["frozen"] = _keep(ev(net, batches, "pgd", eps=cfg["frozen_eps"],
+                                 steps=cfg["steps"], frozen=True, random_baseline=False))
+    if seed == 0:
+        sub = A.pixel_batches(data, data.test, 250, cfg["cross_n"])
+        try:
+            R.require_torchattacks()
+            res["cross"] = _keep(ev(net, sub, "apgd", eps=cfg["cross_eps"],
+                                    steps=cfg["cross_steps"], eot=M, random_baseline=False,
+                                    grad_check=False))
+        except R.MissingExtra as e:
+            res["cross"] = {"skipped": str(e)}
+        sub = A.pixel_batches(data, data.test, 250, cfg["conv_n"])
+        strong = A.wrap(model, data, cfg["conv_K"] if noisy else None, "prob")
+        res["conv"] = _keep(ev(strong, sub, "pgd", eps=cfg["conv_eps"], steps=cfg["conv_steps"],
+                               eot=cfg["conv_M"] if noisy else 1,
+                               restarts=cfg["conv_restarts"], random_baseline=False,
+                               grad_check=False))
+        res["conv"].update(K=cfg["conv_K"] if noisy else None, M=cfg["conv_M"] if noisy else 1)
+    res["eval_time_s"] = time.time() - t0
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(res, fh)
+    os.replace(tmp, path)
+    return res, False
 
 
-def _ms(vals):
-    m = statistics.fmean(vals)
-    s = statistics.stdev(vals) if len(vals) > 1 else 0.0
-    return m, s
+# -- tables --------------------------------------------------------------------------------------
+
+def _pct(v):
+    return f"{100 * v:.1f}"
 
 
-def table(records, cfg, mode) -> str:
-    hdr = (f"| model | training | seeds | natural % (MC K) | FGSM % | PGD-{cfg['steps']} + EOT % "
-           f"| PGD-{cfg['steps']} frozen noise % | train time s | masking flags |\n"
-           "|---|---|---|---|---|---|---|---|---|\n")
-    rows = []
-    for label, _ in MODELS:
-        for adv in (False, True):
-            rs = [r for r in records if r["label"] == label and r["adv"] == adv]
-            if not rs:
+def _cell(oks):
+    """Pooled accuracy over seeds with its Wilson 95 % interval."""
+    k, n = sum(sum(o) for o in oks), sum(len(o) for o in oks)
+    lo, hi = R.wilson(k, n)
+    return f"{_pct(k / max(n, 1))} [{_pct(lo)}, {_pct(hi)}]"
+
+
+def _diff(a, b, seed=0):
+    d = R.paired_bootstrap(a, b, iters=2000, seed=seed)
+    return f"{100 * d['diff']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+
+
+def tables(cfg, arms, seeds, summaries, evals) -> str:
+    lines = []
+    lab = {a: arm_args(cfg, a)[0] for a in arms}
+    # 1. natural accuracy, price of the noise, dose
+    lines += ["**Natural accuracy and dose** (test images of the attack evaluation; Wilson 95 % "
+              "intervals pooled over seeds; noise-off and noise-to-signal from the training "
+              "summaries, mean over seeds)", "",
+              f"| arm | natural % (K={cfg['K']}, noise on) | Δ natural vs none (paired, boot. "
+              "95 %) | natural % noise off (training's test evaluation) | realised noise/signal per "
+              "block "
+              "(mean; min–max) | best epoch | train min |", "|---|---|---|---|---|---|---|"]
+    for a in arms:
+        ok = [evals[(a, s)]["natural"]["natural_ok"] for s in seeds]
+        d = "—" if a == "none" else _diff(
+            ok, [evals[("none", s)]["natural"]["natural_ok"] for s in seeds])
+        sm = [summaries[(a, s)] for s in seeds]
+        off = sum(s["test_acc_noise_off_at_best_val"] for s in sm) / len(sm)
+        nsr = [v for s in sm for v in s.get("noise_to_signal", [])]
+        nsr_s = (f"{sum(s['noise_to_signal_mean'] for s in sm) / len(sm):.3f}; "
+                 f"{min(nsr):.3f}–{max(nsr):.3f}") if nsr else "0"
+        ep = ", ".join(str(s["best_epoch"]) for s in sm)
+        tm = sum(s["time_s"] for s in sm) / len(sm) / 60
+        lines.append(f"| {lab[a]} | {_cell(ok)} | {d} | {_pct(off)} | {nsr_s} | {ep} | "
+                     f"{tm:.1f} |")
+    # 2. robust accuracy over the radius sweep
+    for kind, name in (("pgd", f"PGD-{cfg['steps']}"), ("fgsm", "FGSM")):
+        lines += ["", f"**{name} robust accuracy %** (L∞, EOT M={cfg['M']} through the "
+                  f"K={cfg['K']} Monte-Carlo model; noise none: M=1, K=1; Wilson 95 %)", "",
+                  "| arm | natural | " + " | ".join(f"ε={e}" for e in cfg["eps"]) + " |",
+                  "|---|---|" + "---|" * len(cfg["eps"])]
+        for a in arms:
+            nat = _cell([evals[(a, s)]["natural"]["natural_ok"] for s in seeds])
+            cells = [_cell([evals[(a, s)][kind][str(e)]["robust_ok"] for s in seeds])
+                     for e in cfg["eps"]]
+            lines.append(f"| {lab[a]} | {nat} | " + " | ".join(cells) + " |")
+    # 3. paired differences to the noise-free arm
+    if "none" in arms and len(arms) > 1:
+        lines += ["", f"**Paired difference to noise none, PGD-{cfg['steps']} robust accuracy "
+                  "(points)**: same seeds, same images; bootstrap 95 % interval over images "
+                  f"{'and seeds' if len(seeds) > 1 else '(one seed: image resampling only)'}",
+                  "", "| arm | " + " | ".join(f"ε={e}" for e in cfg["eps"]) + " |",
+                  "|---|" + "---|" * len(cfg["eps"])]
+        for a in arms:
+            if a == "none":
                 continue
-            cells = []
-            for key, field in (("natural", "natural_acc"), ("fgsm", "robust_acc"),
-                               ("pgd_eot", "robust_acc"), ("pgd_frozen", "robust_acc")):
-                m, s = _ms([100 * r[key][field] for r in rs])
-                cells.append(f"{m:.1f} ± {s:.1f}")
-            cells[0] += f" (K={rs[0]['K'] or 1})"
-            cells[2] += f" (M={rs[0]['M']})"
-            tm, ts = _ms([r["train_time_s"] for r in rs])
-            flags = sum(r[k]["gradient_masking_suspected"] for r in rs
-                        for k in ("fgsm", "pgd_eot", "pgd_frozen"))
-            adv_s = f"PGD-{cfg['adv_steps']} adv. (eps {cfg['eps']})" if adv else "standard"
-            rows.append(f"| {label} | {adv_s} | {len(rs)} | " + " | ".join(cells)
-                        + f" | {tm:.1f} ± {ts:.1f} | {flags}/{3 * len(rs)} |")
-    return hdr + "\n".join(rows) + "\n"
+            cells = [_diff([evals[(a, s)]["pgd"][str(e)]["robust_ok"] for s in seeds],
+                           [evals[("none", s)]["pgd"][str(e)]["robust_ok"] for s in seeds])
+                     for e in cfg["eps"]]
+            lines.append(f"| {lab[a]} | " + " | ".join(cells) + " |")
+    # 4. frozen noise, cross-check, convergence, masking flags
+    lines += ["", "**Attack checks** (frozen: white-box PGD on the frozen-noise network, all "
+              "seeds; cross-check and convergence: seed 0 only, the first images of the test "
+              "subset)", "",
+              f"| arm | PGD-{cfg['steps']} EOT at ε={cfg['frozen_eps']} | frozen-noise PGD | "
+              f"APGD-CE+EOT (torchattacks) ε={cfg['cross_eps']}, {cfg['cross_n']} img | table "
+              f"PGD on the same {cfg['conv_n']} img (ε={cfg['conv_eps']}) | strong PGD: "
+              f"K={cfg['conv_K']}, EOT {cfg['conv_M']}, {cfg['conv_steps']} steps × "
+              f"{cfg['conv_restarts']} restarts | moved within interval? | masking flags |",
+              "|---|---|---|---|---|---|---|---|"]
+    for a in arms:
+        e0 = evals[(a, seeds[0])]
+        base = _cell([evals[(a, s)]["pgd"][str(cfg["frozen_eps"])]["robust_ok"] for s in seeds]) \
+            if str(cfg["frozen_eps"]) in e0["pgd"] else "—"
+        fr = _cell([evals[(a, s)]["frozen"]["robust_ok"] for s in seeds]) \
+            if "frozen" in e0 else "— (deterministic)"
+        cr = e0.get("cross", {})
+        cr_s = ("not run" if not cr else "skipped (torchattacks not installed)"
+                if "skipped" in cr else f"{_cell([cr['robust_ok']])} (nat "
+                f"{_pct(cr['natural_acc'])})")
+        cv = e0.get("conv")
+        if cv and str(cfg["conv_eps"]) in e0["pgd"]:
+            tbl_ok = e0["pgd"][str(cfg["conv_eps"])]["robust_ok"][:cv["n"]]
+            k = sum(tbl_ok)
+            lo, hi = R.wilson(k, len(tbl_ok))
+            moved = cv["robust_acc"] - k / len(tbl_ok)
+            within = lo <= cv["robust_acc"] <= hi
+            cv_s = (f"{_cell([tbl_ok])} | {_cell([cv['robust_ok']])} | "
+                    f"{100 * moved:+.1f} pts: {'yes' if within else '**no**'}")
+        else:
+            cv_s = "— | — | —"
+        flags = sum(bool(evals[(a, s)]["pgd"][str(e)].get("gradient_masking_suspected"))
+                    for s in seeds for e in cfg["eps"])
+        lines.append(f"| {lab[a]} | {base} | {fr} | {cr_s} | {cv_s} | "
+                     f"{flags}/{len(seeds) * len(cfg['eps'])} |")
+    return "\n".join(lines) + "\n"
 
 
-def write_md(path, mode, text):
-    begin, end = f"<!-- reproduce:{mode}:begin -->", f"<!-- reproduce:{mode}:end -->"
+def write_md(path, tag, text):
+    begin, end = f"<!-- reproduce:{tag}:begin -->", f"<!-- reproduce:{tag}:end -->"
     old = open(path).read() if os.path.exists(path) else ""
     block = f"{begin}\n{text}{end}"
     if begin in old and end in old:
@@ -175,64 +395,134 @@ def write_md(path, mode, text):
         fh.write(new)
 
 
+def build_parser():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--version", action="version",
+                   version=f"%(prog)s (cdkernels {cdkernels.__version__})")
+    p.add_argument("--mode", choices=sorted(MODES), default="cpu", help="protocol (see MODES)")
+    p.add_argument("--quick", action="store_const", dest="mode", const="quick",
+                   help="same as --mode quick: the CI smoke test")
+    p.add_argument("--arms", default=None, help="comma-separated subset of " + ", ".join(ARMS))
+    for k in OVERRIDABLE:
+        typ = float if k in ("lr", "em_sigma") else int
+        p.add_argument("--" + k.replace("_", "-"), dest=k, type=typ, default=None,
+                       help=f"override the mode's {k}")
+    p.add_argument("--eps", default=None, help="override the radius sweep: comma-separated")
+    p.add_argument("--data-dir", default=None, help="dataset folder (as for cdkernels.train)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+    p.add_argument("--work", default=None, help="cache folder (default runs/reproduce_TAG): "
+                   "rerunning continues there")
+    p.add_argument("--tag", default=None, help="name of the result (default: the mode); "
+                   "the table goes between <!-- reproduce:TAG:begin/end --> in --md")
+    p.add_argument("--json", default=None, help="all records (default WORK/results.json)")
+    p.add_argument("--md", default=os.path.join(ROOT, "docs", "results.md"),
+                   help="Markdown file that receives the table")
+    p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    p.add_argument("--train-only", action="store_true", help="stop after training every unit")
+    return p
+
+
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--quick", action="store_true", help="reduced CPU version (labelled REDUCED)")
-    p.add_argument("--seeds", type=int, default=3)
-    p.add_argument("--device", default=None)
-    p.add_argument("--no-adv", action="store_true", help="skip adversarial training rows")
-    p.add_argument("--work", default=None, help="folder for the training runs (default: temp)")
-    p.add_argument("--json", default=None, help="per-seed records (default "
-                   "bench/results_{quick,full}.json)")
-    p.add_argument("--md", default=os.path.join(ROOT, "docs", "results.md"))
-    p.add_argument("--threads", type=int, default=None)
-    args = p.parse_args(argv)
-    mode = "quick" if args.quick else "full"
-    cfg = dict(CONFIGS[mode])
-    if args.no_adv:
-        cfg["adv"] = False
+    args = build_parser().parse_args(argv)
+    cfg = copy.deepcopy(MODES[args.mode])
+    changed = {}
+    for k in OVERRIDABLE:
+        v = getattr(args, k)
+        if v is not None and v != cfg.get(k):
+            changed[k] = (cfg.get(k), v)
+            cfg[k] = v
+    if args.eps:
+        eps = [float(e) for e in args.eps.split(",")]
+        changed["eps"] = (cfg["eps"], eps)
+        cfg["eps"] = eps
+        for k in ("frozen_eps", "cross_eps", "conv_eps"):
+            if cfg[k] not in eps:
+                cfg[k] = min(eps, key=lambda e: abs(e - cfg[k]))
+    if args.arms:
+        arms = args.arms.split(",")
+        bad = [a for a in arms if a not in ARMS]
+        if bad:
+            print(f"reproduce: error: unknown arm(s) {bad}; choose from {list(ARMS)}",
+                  file=sys.stderr)
+            return 2
+        changed["arms"] = (cfg["arms"], arms)
+        cfg["arms"] = arms
+    tag = args.tag or args.mode
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cpu":
-        cfg["train_extra"] = [a for a in cfg["train_extra"] if a != "--cuda-graph"]
-        if "--amp" in cfg["train_extra"] and mode == "quick":
-            cfg["train_extra"] = []
     if args.threads:
         torch.set_num_threads(args.threads)
     D.load = _cached_load()
-    work = args.work or tempfile.mkdtemp(prefix=f"cdk_reproduce_{mode}_")
+    work = args.work or os.path.join(ROOT, "runs", f"reproduce_{tag}")
+    os.makedirs(work, exist_ok=True)
     t0 = time.time()
-    log = lambda m: print(f"[{time.time() - t0:7.1f}s] {m}", flush=True)  # noqa: E731
-    tag = "REDUCED (quick, CPU)" if args.quick else "full"
-    log(f"{tag}: config {cfg}; runs in {work}")
-    records = []
-    for label, margs in MODELS:
-        adv_here = cfg["adv"] and (cfg["adv_ensembles"] or "--members" not in margs)
-        for adv in ((False, True) if adv_here else (False,)):
-            for seed in range(args.seeds):
-                records.append(run_one(label, margs, adv, seed, cfg, device, work, log))
+    logf = open(os.path.join(work, "log.txt"), "a")
+
+    def log(m):
+        line = f"[{datetime.datetime.now():%H:%M:%S}] {m}"
+        print(line, flush=True)
+        logf.write(line + "\n")
+        logf.flush()
+    seeds = list(range(cfg["seeds"]))
+    arms = cfg["arms"]
+    log(f"mode {args.mode} (tag {tag}), work {work}, device {device}, "
+        f"{torch.get_num_threads()} threads; changed from the protocol: {changed or 'nothing'}")
+    units = [(k, a, s) for s in seeds for a in arms for k in ("train", "eval")]
+    prog = Progress([f"{k} {a} seed {s}" for k, a, s in units], log)
+    summaries, evals = {}, {}
+    for kind, a, s in units:
+        name = f"{kind} {a} seed {s}"
+        if kind == "eval" and args.train_only:
+            continue
+        out = os.path.join(work, f"{a}_s{s}")
+        cached = (os.path.isfile(os.path.join(out, "summary.json")) if kind == "train"
+                  else os.path.isfile(os.path.join(
+                      out, f"eval_{_hash(eval_settings(cfg, s))}.json")))
+        prog.start(name, cached)
+        if kind == "train":
+            summaries[(a, s)], cached = train_unit(cfg, a, s, device, work, args.data_dir)
+            log(f"    {a} s{s}: selected epoch {summaries[(a, s)]['best_epoch']}, test acc "
+                f"{summaries[(a, s)]['test_acc_at_best_val']:.4f} (noise off "
+                f"{summaries[(a, s)]['test_acc_noise_off_at_best_val']:.4f}), "
+                f"{summaries[(a, s)]['time_s'] / 60:.1f} min")
+        else:
+            evals[(a, s)], cached = eval_unit(cfg, a, s, device, work, args.data_dir, log)
+        prog.finish(name, cached)
+    if args.train_only:
+        log("trained every unit (--train-only)")
+        return 0
     total = time.time() - t0
-    cmd = "python bench/reproduce.py" + (" " + " ".join(argv if argv is not None
-                                                        else sys.argv[1:])).rstrip()
+    cmd = "python bench/reproduce.py" + (" " + " ".join(sys.argv[1:] if argv is None
+                                                        else argv)).rstrip()
     dev_name = (torch.cuda.get_device_name() if device.startswith("cuda")
-                else f"{platform.processor() or platform.machine()} CPU, "
-                f"{torch.get_num_threads()} threads")
-    meta = {"mode": mode, "reduced": args.quick, "config": cfg, "seeds": args.seeds,
-            "device": dev_name, "date": datetime.datetime.now().isoformat(timespec="seconds"),
-            "command": cmd, "total_time_s": total, "torch": torch.__version__}
-    js = args.json or os.path.join(ROOT, "bench", f"results_{mode}.json")
+                else f"{platform.machine()} CPU ({os.cpu_count()} cores), "
+                f"{torch.get_num_threads()} torch threads")
+    meta = {"mode": args.mode, "tag": tag, "config": cfg, "changed_from_protocol":
+            {k: list(v) for k, v in changed.items()}, "device": dev_name,
+            "date": datetime.datetime.now().isoformat(timespec="seconds"), "command": cmd,
+            "this_invocation_s": total, "torch": torch.__version__,
+            "cdkernels": cdkernels.__version__, "python": platform.python_version()}
+    js = args.json or os.path.join(work, "results.json")
     with open(js, "w") as fh:
-        json.dump({"meta": meta, "records": records}, fh, indent=2)
-    tbl = table(records, cfg, mode)
-    head = (f"**{'REDUCED (quick) run — not the full experiment' if args.quick else 'Full run'}"
-            f"**: `{cmd}` on {dev_name}, {meta['date']}, torch {torch.__version__}, "
-            f"total {total / 60:.1f} min. Fashion-MNIST; width {cfg['width']}, "
-            f"{cfg['limit_train'] or 54000} training images, {cfg['epochs']} epochs, "
-            f"batch {cfg['batch_size']}, model selected on the first {cfg['limit_eval']} "
-            f"validation images; attacks on the first {cfg['n_test']} test images, L-inf "
-            f"eps = {cfg['eps']} (pixel units), {args.seeds} seeds (mean ± std).\n\n")
-    write_md(args.md, mode, head + tbl)
+        json.dump({"meta": meta, "summaries": {f"{a}_s{s}": v for (a, s), v in summaries.items()},
+                   "evals": {f"{a}_s{s}": v for (a, s), v in evals.items()}}, fh)
+    tbl = tables(cfg, arms, seeds, summaries, evals)
+    train_min = sum(v["time_s"] for v in summaries.values()) / 60
+    eval_min = sum(v["eval_time_s"] for v in evals.values()) / 60
+    head = (f"`{cmd}` — {dev_name}; {meta['date']}; torch {torch.__version__}, cdkernels "
+            f"{cdkernels.__version__}, Python {meta['python']}. Compute: {train_min:.0f} min "
+            f"training + {eval_min:.0f} min evaluation (summed over units, possibly over "
+            f"several invocations). {cfg['data']}, {cfg['model']} width {cfg['width']}, "
+            f"{cfg['limit_train'] or 'all'} training images, {cfg['epochs']} epochs, batch "
+            f"{cfg['batch_size']}, lr {cfg['lr']} cosine, {'autocast ' + cfg['amp'] if cfg['amp'] else 'fp32'}; "
+            f"selection on {cfg['limit_eval'] or 'all'} validation images (K={cfg['select_k']}); "
+            f"{len(seeds)} seed(s); first {cfg['n_test']} test images. Changed from the "
+            f"`{args.mode}` protocol: "
+            + (", ".join(f"{k} {a} → {b}" for k, (a, b) in changed.items()) or "nothing")
+            + ".\n\n")
+    write_md(args.md, tag, head + tbl)
     print(tbl)
-    log(f"done in {total / 60:.1f} min; table in {args.md}, records in {js}")
+    log(f"done; table in {args.md} (tag {tag}), records in {js}")
     return 0
 
 

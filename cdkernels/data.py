@@ -101,10 +101,14 @@ class ImageData:
         return augment(images, self.pad, self.flip, generator)
 
     def batch(self, split: Split, idx: torch.Tensor, train: bool,
-              memory_format=torch.contiguous_format) -> Tuple[torch.Tensor, torch.Tensor]:
+              memory_format=torch.contiguous_format,
+              generator: Optional[torch.Generator] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Normalised float images and labels of ``split[idx]``; ``train`` adds augmentation,
+        its random numbers from ``generator`` (on the images' device; give one, so that the
+        augmentation does not share torch's global stream with the model's noise)."""
         imgs = split.images.index_select(0, idx)
         if train:
-            imgs = self.augment(imgs)
+            imgs = self.augment(imgs, generator)
         return self.normalize(imgs, memory_format=memory_format), split.labels.index_select(0, idx)
 
 
@@ -291,8 +295,27 @@ def load_cifar_folder(folder: str, num_classes: int):
 
 # -- digits --------------------------------------------------------------------------------------
 
+TRAIN_EXTRA = "pip install cdkernels[train]"
+
+
+def _sklearn_load_digits():
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DataError("digits is scikit-learn's embedded dataset and scikit-learn is not "
+                        f"installed: {TRAIN_EXTRA} (or pip install scikit-learn)") from None
+    return load_digits
+
+
+def check_available(name: str) -> None:
+    """Fail early (DataError) when ``name`` needs an optional package that is missing, before
+    a command line run builds anything. Data files are checked by :func:`load`."""
+    if name == "digits":
+        _sklearn_load_digits()
+
+
 def load_digits_arrays():
-    from sklearn.datasets import load_digits
+    load_digits = _sklearn_load_digits()
     d = load_digits()
     x = d.images.astype(np.uint8)[:, None]  # values 0..16
     y = d.target.astype(np.int64)

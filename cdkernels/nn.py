@@ -92,6 +92,10 @@ class MonteCarlo(nn.Module):
     chunk*B inputs), and the K predictions are averaged with :func:`cdkernels.ensemble_mean` in
     ``space`` ("prob", "logit" or "logprob"). Works in train and eval mode, under
     ``torch.no_grad`` and with gradients (an attack differentiates through it).
+
+    Under :func:`cdkernels.robust.frozen_noise` sample k uses its own frozen stream (derived from
+    the module's frozen seed and k) and the samples run one after another, so the prediction
+    is the same for every ``chunk``.
     """
 
     def __init__(self, model: nn.Module, samples: int = 8, space: str = "prob",
@@ -111,12 +115,29 @@ class MonteCarlo(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from .ensemble_mean import ensemble_mean
         outs = []
+        frozen = [m for m in self.model.modules() if getattr(m, "frozen_seed", None) is not None]
         with _NoiseOn(self.model):
-            done = 0
-            while done < self.samples:
-                c = min(self.chunk, self.samples - done)
-                outs.append(self.model(x.repeat(c, *([1] * (x.dim() - 1)))))
-                done += c
+            if frozen:
+                # Frozen noise (cdkernels.robust.frozen_noise) passes one fixed seed per module
+                # and call, and the kernels index the noise by element position. Replicating
+                # x would then tie a sample's noise to where its chunk starts, so chunk=2 and
+                # chunk=K would give different networks (and equal-sized chunks the SAME noise).
+                # Instead each sample k runs on its own with the stream (seed, k): the result
+                # does not depend on `chunk`, and the K samples are K distinct draws.
+                try:
+                    for k in range(self.samples):
+                        for m in frozen:
+                            m.frozen_sample = k
+                        outs.append(self.model(x))
+                finally:
+                    for m in frozen:
+                        m.__dict__.pop("frozen_sample", None)
+            else:
+                done = 0
+                while done < self.samples:
+                    c = min(self.chunk, self.samples - done)
+                    outs.append(self.model(x.repeat(c, *([1] * (x.dim() - 1)))))
+                    done += c
         out = outs[0] if len(outs) == 1 else torch.cat(outs, 0)
         return ensemble_mean(out, replicas=self.samples, space=self.space)
 

@@ -36,7 +36,12 @@ import torch
 from torch import nn
 
 NORMS = ("linf", "l2")
-ATTACKS = ("none", "fgsm", "pgd")
+# Attacks written here, and cross-check attacks from torchattacks (optional extra
+# ``cdkernels[attacks]``): APGD with EOT, and AutoAttack's "rand" version for stochastic models.
+INTERNAL_ATTACKS = ("none", "fgsm", "pgd")
+EXTERNAL_ATTACKS = ("apgd", "apgd-dlr", "autoattack-rand")
+ATTACKS = INTERNAL_ATTACKS + EXTERNAL_ATTACKS
+LOSSES = ("ce", "cw", "dlr")
 _U63 = (1 << 63) - 1
 
 
@@ -158,7 +163,9 @@ def frozen_noise(model: nn.Module, seed: Optional[int] = 0):
 
         def hook(mod, args, kwargs, s=s):
             if len(args) < 3 and kwargs.get("seed") is None:
-                kwargs = dict(kwargs, seed=s)
+                # Inside a MonteCarlo forward sample k gets its own stream (see MonteCarlo).
+                k = mod.__dict__.get("frozen_sample")
+                kwargs = dict(kwargs, seed=s if k is None else _module_seed(s, 1_000_003 + k))
             return args, kwargs
 
         handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
@@ -174,13 +181,43 @@ def frozen_noise(model: nn.Module, seed: Optional[int] = 0):
 
 # -- gradients -----------------------------------------------------------------------------------
 
+def _check_loss(loss) -> str:
+    if loss not in LOSSES:
+        raise ValueError(f"unknown loss {loss!r}; choose one of {', '.join(map(repr, LOSSES))}")
+    return loss
+
+
+def attack_loss(lp: torch.Tensor, y: torch.Tensor, loss: str = "ce") -> torch.Tensor:
+    """Per-example loss the attacker maximises, from log-probabilities ``lp`` [N, C].
+
+    "ce": cross-entropy of the true label. "cw": the margin max_{j != y} z_j - z_y (Carlini &
+    Wagner), on log-probabilities, which for a plain classifier differ from the logits by a
+    per-example constant, so the margin is the logit margin. "dlr": the margin divided by
+    z_(1) - z_(3) (Croce & Hein's difference of logits ratio, shift and scale invariant).
+    The margins keep pushing once the example is misclassified and do not saturate like the
+    cross-entropy of a confident model."""
+    _check_loss(loss)
+    if loss == "ce":
+        return -lp.gather(1, y[:, None]).squeeze(1)
+    zy = lp.gather(1, y[:, None]).squeeze(1)
+    other = lp.masked_fill(torch.nn.functional.one_hot(y, lp.shape[1]).bool(), float("-inf"))
+    margin = other.amax(1) - zy
+    if loss == "cw":
+        return margin
+    top = lp.topk(min(3, lp.shape[1]), dim=1).values
+    return margin / (top[:, 0] - top[:, -1] + 1e-12)
+
+
 def loss_and_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot: int = 1,
-                  eot_chunk: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-example cross-entropy of the true label averaged over ``eot`` noise draws, and its
-    gradient wrt ``x`` (same shape as x). The M draws run as ONE forward/backward of the batch
-    replicated M times (``x.repeat(M, ...)``, per-copy losses summed), or ceil(M / eot_chunk)
-    of them when ``eot_chunk`` bounds the memory."""
+                  eot_chunk: Optional[int] = None, loss: str = "ce"
+                  ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-example attack loss (``loss``: "ce" cross-entropy of the true label, "cw" / "dlr"
+    margins, see :func:`attack_loss`) averaged over ``eot`` noise draws, and its gradient wrt
+    ``x`` (same shape as x). The M draws run as ONE forward/backward of the batch replicated M
+    times (``x.repeat(M, ...)``, per-copy losses summed), or ceil(M / eot_chunk) of them when
+    ``eot_chunk`` bounds the memory."""
     eot = _check_int(eot, "eot (M)")
+    loss = _check_loss(loss)
     chunk = eot if eot_chunk is None else min(_check_int(eot_chunk, "eot_chunk"), eot)
     space = output_space(model)
     x = x.detach()
@@ -193,7 +230,7 @@ def loss_and_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eot: int =
             xv = x.clone().requires_grad_(True)
             xr = xv.repeat(c, *([1] * (x.dim() - 1))) if c > 1 else xv
             lp = log_probs(model(xr), space)
-            per = -lp.gather(1, y.repeat(c)[:, None]).squeeze(1)     # [c*B]
+            per = attack_loss(lp, y.repeat(c), loss)                 # [c*B]
             g, = torch.autograd.grad(per.sum(), xv)
             grad += g
             loss_sum += per.detach().view(c, -1).sum(0)
@@ -239,42 +276,73 @@ def random_perturbation(x: torch.Tensor, eps: float, norm: str, kind: str = "bal
 def pgd(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, steps: int = 10,
         step_size: Optional[float] = None, norm: str = "linf", random_start: bool = True,
         eot: int = 1, eot_chunk: Optional[int] = None,
-        generator: Optional[torch.Generator] = None, clip: Tuple[float, float] = (0.0, 1.0)
-        ) -> torch.Tensor:
+        generator: Optional[torch.Generator] = None, clip: Tuple[float, float] = (0.0, 1.0),
+        loss: str = "ce", restarts: int = 1) -> torch.Tensor:
     """Projected gradient descent (Madry et al.) maximising the true label's cross-entropy in the
     ``norm`` ball of radius ``eps`` around x, intersected with ``clip`` (pixel range).
 
     ``step_size`` defaults to 2.5*eps/steps; ``random_start`` draws the start uniformly in the
     ball (from ``generator`` if given); ``eot=M`` averages every gradient over M noise draws in
     one batched forward/backward. The model is used in whatever mode it is in (eval for
-    attacks, train for adversarial training). Returns the adversarial inputs (detached)."""
+    attacks, train for adversarial training). ``loss`` is "ce", "cw" or "dlr"
+    (:func:`attack_loss`). ``restarts=R`` runs R random starts and keeps, per example, the one
+    whose final loss (averaged over ``eot`` fresh draws) is highest. Returns the adversarial
+    inputs (detached)."""
     eps = _check_eps(eps)
     norm = _check_norm(norm)
     steps = _check_int(steps, "steps")
     eot = _check_int(eot, "eot (M)")
+    restarts = _check_int(restarts, "restarts")
+    loss = _check_loss(loss)
     alpha = _check_step_size(step_size, eps, steps)
     x = x.detach()
     lo, hi = clip
     if eps == 0:
         return x.clone()
-    delta = random_perturbation(x, eps, norm, "ball", generator) if random_start \
-        else torch.zeros_like(x)
-    xa = (x + delta).clamp(lo, hi)
-    for _ in range(steps):
-        _, g = loss_and_grad(model, xa, y, eot, eot_chunk)
-        delta = _lp_ball_project(xa + alpha * _step_dir(g, norm) - x, eps, norm)
-        xa = (x + delta).clamp(lo, hi).detach()
-    return xa
+    best, best_loss = None, None
+    for r in range(restarts):
+        delta = random_perturbation(x, eps, norm, "ball", generator) if random_start \
+            else torch.zeros_like(x)
+        xa = (x + delta).clamp(lo, hi)
+        for _ in range(steps):
+            _, g = loss_and_grad(model, xa, y, eot, eot_chunk, loss)
+            delta = _lp_ball_project(xa + alpha * _step_dir(g, norm) - x, eps, norm)
+            xa = (x + delta).clamp(lo, hi).detach()
+        if restarts == 1:
+            return xa
+        with torch.no_grad():
+            lv = _eval_loss(model, xa, y, eot, eot_chunk, loss)
+        if best is None:
+            best, best_loss = xa, lv
+        else:
+            take = lv > best_loss
+            best = torch.where(take.view(-1, *([1] * (x.dim() - 1))), xa, best)
+            best_loss = torch.maximum(lv, best_loss)
+    return best
+
+
+def _eval_loss(model, x, y, eot, eot_chunk, loss) -> torch.Tensor:
+    """Per-example attack loss averaged over ``eot`` draws, without gradients."""
+    space = output_space(model)
+    chunk = eot if eot_chunk is None else min(eot_chunk, eot)
+    tot, done = torch.zeros(x.shape[0], device=x.device), 0
+    while done < eot:
+        c = min(chunk, eot - done)
+        xr = x.repeat(c, *([1] * (x.dim() - 1))) if c > 1 else x
+        tot += attack_loss(log_probs(model(xr), space), y.repeat(c), loss).view(c, -1).sum(0)
+        done += c
+    return tot / eot
 
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, norm: str = "linf",
-         eot: int = 1, eot_chunk: Optional[int] = None, clip=(0.0, 1.0), **_) -> torch.Tensor:
+         eot: int = 1, eot_chunk: Optional[int] = None, clip=(0.0, 1.0), loss: str = "ce",
+         **_) -> torch.Tensor:
     """Fast gradient (sign) method: one step of size eps from x (no random start); for L2 the
     step is the normalised gradient times eps."""
     eps = _check_eps(eps)
     norm = _check_norm(norm)
     return pgd(model, x, y, eps, steps=1, step_size=eps, norm=norm, random_start=False,
-               eot=eot, eot_chunk=eot_chunk, clip=clip)
+               eot=eot, eot_chunk=eot_chunk, clip=clip, loss=loss)
 
 
 def attack(kind: str, model, x, y, **kw) -> torch.Tensor:
@@ -283,11 +351,64 @@ def attack(kind: str, model, x, y, **kw) -> torch.Tensor:
     if kind == "none":
         _check_eps(kw.get("eps", 0.0))
         return x.detach().clone()
+    if kind in EXTERNAL_ATTACKS:
+        return external_attack(kind, model, x, y, **kw)
     if kind == "fgsm":
         kw = {k: v for k, v in kw.items() if k not in ("steps", "step_size", "random_start",
-                                                         "generator")}
+                                                         "generator", "restarts")}
         return fgsm(model, x, y, **kw)
     return pgd(model, x, y, **kw)
+
+
+class MissingExtra(ImportError):
+    """An optional dependency is not installed; the message names the pip extra."""
+
+
+def require_torchattacks():
+    try:
+        import torchattacks
+    except ImportError:
+        raise MissingExtra("the cross-check attacks (apgd, apgd-dlr, autoattack-rand) use "
+                           "torchattacks, which is not installed: pip install "
+                           "cdkernels[attacks] (or pip install torchattacks==3.5.1)") from None
+    return torchattacks
+
+
+class _LogProbModel(nn.Module):
+    """Log-probabilities of ``model`` as "logits" for third-party attacks: their
+    cross-entropy (log-softmax of the output) is then exactly -log p(y), whatever space a
+    MonteCarlo model averages in, and argmax predictions are unchanged."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model, self.space = model, output_space(model)
+
+    def forward(self, x):
+        return log_probs(self.model(x), self.space)
+
+
+def external_attack(kind: str, model, x, y, eps: float, norm: str = "linf", steps: int = 10,
+                    eot: int = 1, restarts: int = 1, seed: int = 0, **_) -> torch.Tensor:
+    """A cross-check attack nobody in this project wrote (torchattacks 3.5.1):
+
+    ``apgd``             APGD-CE with ``eot`` gradient samples per step, ``steps`` iterations,
+                         ``restarts`` restarts.
+    ``apgd-dlr``         the same with the DLR loss.
+    ``autoattack-rand``  AutoAttack's version for randomised defences (APGD-CE + APGD-DLR, 100
+                         iterations, EOT 20): expensive, use on a subset.
+    """
+    ta = require_torchattacks()
+    net = _LogProbModel(model)
+    tnorm = {"linf": "Linf", "l2": "L2"}[_check_norm(norm)]
+    if kind == "autoattack-rand":
+        atk = ta.AutoAttack(net, norm=tnorm, eps=eps, version="rand",
+                            n_classes=int(net(x[:1]).shape[1]), seed=seed)
+    else:
+        atk = ta.APGD(net, norm=tnorm, eps=eps, steps=steps, n_restarts=restarts, seed=seed,
+                      loss="dlr" if kind == "apgd-dlr" else "ce", eot_iter=eot)
+    # torchattacks switches the model to train/eval itself; keep ours in eval.
+    atk.set_model_training_mode(model_training=False)
+    return atk(x.detach(), y).detach()
 
 
 def _check_adv(xa: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> None:
@@ -311,6 +432,67 @@ def wilson(k: int, n: int, z: float = 1.959963984540054) -> Tuple[float, float]:
     return (max(0.0, c - h), min(1.0, c + h))
 
 
+def paired_bootstrap(a, b, iters: int = 2000, seed: int = 0, level: float = 0.95
+                     ) -> Dict[str, float]:
+    """Mean of ``a - b`` and its bootstrap interval, for 0/1 outcomes of two models on the SAME
+    images and seeds: ``a``, ``b`` are [seeds][images] nested lists (or arrays).
+
+    Each bootstrap replicate resamples seeds with replacement, then images with replacement
+    (the same image indices for both models: the pairing removes the image-difficulty
+    variance), and takes the mean difference. With one seed only the images are resampled, so
+    the interval then says nothing about seed-to-seed variation."""
+    import numpy as np
+    a = np.asarray(a, dtype=np.float64)
+    b = np.asarray(b, dtype=np.float64)
+    if a.shape != b.shape or a.ndim != 2 or a.size == 0:
+        raise ValueError(f"a and b must be equal-shaped [seeds, images] arrays, got {a.shape} "
+                         f"and {b.shape}")
+    d = a - b
+    s, n = d.shape
+    rng = np.random.default_rng(seed)
+    si = rng.integers(0, s, (iters, s))
+    ii = rng.integers(0, n, (iters, s, n))
+    reps = d[si[:, :, None], ii].mean(axis=(1, 2))
+    lo, hi = np.quantile(reps, [(1 - level) / 2, (1 + level) / 2])
+    return {"diff": float(d.mean()), "lo": float(lo), "hi": float(hi), "seeds": int(s),
+            "images": int(n), "iters": int(iters)}
+
+
+@torch.no_grad()
+def noise_to_signal(model: nn.Module, x: torch.Tensor, seed: int = 0) -> List[float]:
+    """Realised noise-to-signal ratio of every noisy residual update of ``model`` on inputs x
+    (normalised, as the model takes them), with the noise on: std(y - z) / std(z), where z is
+    the update without noise (``shortcut + dt * F``, recomputed from the step module's (x, f)
+    inputs) and y what the module returned. Measured with forward hooks, so it holds for any
+    step implementation that takes (x, f) and adds zero-mean noise (em: sigma*sqrt(dt) against
+    a signal whose scale the network learns; std: coef*std(z) by construction). Modules that
+    apply an activation after the noise are skipped. Model mode is restored; the global RNG is
+    forked (seeded with ``seed``) so the caller's stream is untouched."""
+    from .nn import _NoiseOn
+    mods = noisy_modules(model)
+    ratios: List[float] = []
+
+    def hook(mod, args, out):
+        if len(args) < 2 or getattr(mod, "activation", None) not in (None, "none"):
+            return
+        xx, f = args[0].float(), args[1].float()
+        z = xx + float(mod.dt) * f
+        ratios.append(float((out.float() - z).std() / z.std().clamp_min(1e-12)))
+    handles = [m.register_forward_hook(hook) for m in mods]
+    was = model.training
+    devs = [x.device.index or 0] if x.device.type == "cuda" else []
+    try:
+        model.eval()
+        with _NoiseOn(model), torch.random.fork_rng(devices=devs):
+            torch.manual_seed(seed)
+            model(x)
+    finally:
+        for h in handles:
+            h.remove()
+        model.train(was)
+    return ratios
+
+
 # -- evaluation ----------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -324,7 +506,8 @@ def evaluate_attack(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torc
                     random_start: bool = True, eot: int = 1, eot_chunk: Optional[int] = None,
                     frozen: bool = False, seed: int = 0, random_baseline: bool = True,
                     grad_check: bool = True, masking_tol: float = 0.01,
-                    progress: bool = False) -> Dict[str, object]:
+                    progress: bool = False, loss: str = "ce", restarts: int = 1,
+                    per_example: bool = False) -> Dict[str, object]:
     """Natural and robust accuracy of ``model`` (pixel-space inputs; wrap with PixelModel)
     over ``batches`` of (x in [0, 1], y).
 
@@ -337,6 +520,11 @@ def evaluate_attack(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torc
     gradient norm at the clean inputs (``grad_check``, with the attack's EOT), and
     ``gradient_masking_suspected``: gradients ~0, or attack success lower than the random-noise
     baseline's by more than ``masking_tol``.
+
+    ``loss`` ("ce" | "cw" | "dlr") and ``restarts`` configure PGD; ``per_example`` adds the 0/1
+    vectors ``natural_ok`` / ``robust_ok`` (for paired statistics across models). Randomness
+    (the attack's fresh noise, random starts) comes from ``seed`` inside a forked RNG: the
+    caller's global torch RNG state is the same afterwards as before.
     """
     if attack_kind not in ATTACKS:
         raise ValueError(f"unknown attack {attack_kind!r}; choose one of "
@@ -346,10 +534,30 @@ def evaluate_attack(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torc
     steps = _check_int(steps, "steps")
     eot = _check_int(eot, "eot (M)")
     alpha = _check_step_size(step_size, eps, steps)
+    loss = _check_loss(loss)
+    restarts = _check_int(restarts, "restarts")
+    if attack_kind in EXTERNAL_ATTACKS:
+        require_torchattacks()
+    batches = list(batches)
+    devs = sorted({x.device.index or 0 for x, _ in batches if x.device.type == "cuda"})
+    # The fresh noise of cd_step (seed=None) comes from torch's global generator: fork it, so
+    # a library call neither depends on nor changes the caller's RNG stream.
+    with torch.random.fork_rng(devices=devs):
+        torch.manual_seed(seed)
+        return _evaluate_attack(model, batches, attack_kind, eps, norm, steps, alpha,
+                                random_start, eot, eot_chunk, frozen, seed, random_baseline,
+                                grad_check, masking_tol, progress, loss, restarts, per_example)
+
+
+def _evaluate_attack(model, batches, attack_kind, eps, norm, steps, alpha, random_start, eot,
+                     eot_chunk, frozen, seed, random_baseline, grad_check, masking_tol,
+                     progress, loss, restarts, per_example):
+    was_training = model.training
     model.eval()
     gen_dev = None
-    torch.manual_seed(seed)
     n = nat = rob = rnd = 0
+    nat_v: List[int] = []
+    rob_v: List[int] = []
     gnorm_sum, gzero, gcount = 0.0, 0, 0
     t0 = time.time()
     from tqdm.auto import tqdm
@@ -360,7 +568,11 @@ def evaluate_attack(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torc
         with frozen_noise(model, s_b):
             ok_nat = predict(model, x) == y
         kw = dict(eps=eps, norm=norm, steps=steps, step_size=alpha, random_start=random_start,
-                  eot=1 if frozen else eot, eot_chunk=eot_chunk, generator=gen_dev)
+                  eot=1 if frozen else eot, eot_chunk=eot_chunk, generator=gen_dev,
+                  loss=loss, restarts=restarts)
+        if attack_kind in EXTERNAL_ATTACKS:
+            kw = dict(eps=eps, norm=norm, steps=steps, eot=1 if frozen else eot,
+                      restarts=restarts, seed=seed + b)
         with frozen_noise(model, s_b if frozen else None):
             xa = attack(attack_kind, model, x, y, **kw)
             if grad_check:
@@ -379,11 +591,19 @@ def evaluate_attack(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torc
         n += int(y.numel())
         nat += int(ok_nat.sum())
         rob += int((ok_nat & ok_adv).sum())
+        if per_example:
+            nat_v += ok_nat.int().tolist()
+            rob_v += (ok_nat & ok_adv).int().tolist()
+    model.train(was_training)
+    ext = attack_kind in EXTERNAL_ATTACKS
     res: Dict[str, object] = {
         "attack": attack_kind, "norm": norm, "eps": eps,
         "steps": 0 if attack_kind == "none" else (1 if attack_kind == "fgsm" else steps),
         "step_size": eps if attack_kind == "fgsm" else (alpha if attack_kind == "pgd" else 0.0),
-        "random_start": bool(random_start and attack_kind == "pgd"),
+        "random_start": bool(random_start and attack_kind == "pgd") or ext,
+        "loss": {"apgd": "ce", "apgd-dlr": "dlr", "autoattack-rand": "ce+dlr"}.get(
+            attack_kind, loss if attack_kind in ("pgd", "fgsm") else "-"),
+        "restarts": restarts if attack_kind in ("pgd", "apgd", "apgd-dlr") else 1,
         "eot": 1 if frozen else eot, "frozen_noise": bool(frozen), "seed": seed,
         "stochastic": is_stochastic(model), "n": n,
         "natural_correct": nat, "robust_correct": rob,
@@ -392,6 +612,8 @@ def evaluate_attack(model: nn.Module, batches: Iterable[Tuple[torch.Tensor, torc
         "attack_success_rate": (nat - rob) / max(nat, 1),
         "time_s": time.time() - t0,
     }
+    if per_example:
+        res["natural_ok"], res["robust_ok"] = nat_v, rob_v
     suspected, why = False, []
     if random_baseline:
         res["random_noise_acc"] = rnd / max(n, 1)

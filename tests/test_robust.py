@@ -243,21 +243,38 @@ def test_cli_end_to_end(ckpt, tmp_path, capsys):
 
 
 @pytest.mark.parametrize("argv, msg", [
-    (["--eps", "-1"], "eps"), (["--norm", "l3"], "norm"), (["--steps", "0"], "steps"),
-    (["--eot", "0"], "eot"), (["--attack", "cw"], "unknown attack"),
+    (["--eps", "-1"], "eps"), (["--norm", "l3"], "invalid choice: 'l3'"),
+    (["--steps", "0"], "steps"), (["--eot", "0"], "eot"),
+    (["--attack", "cw"], "invalid choice: 'cw'"), (["--device", "gpu"], "--device 'gpu'"),
+    (["--device", "cuda"], "no CUDA device"), (["--restarts", "0"], "--restarts"),
 ])
 def test_cli_bad_input(ckpt, capsys, argv, msg):
+    if "cuda" in argv and torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
     assert A.main(["--checkpoint", ckpt, "--limit", "10"] + argv) == 2
     err = capsys.readouterr().err
     assert "error:" in err and msg in err and "Traceback" not in err
+    if "invalid choice" not in msg:  # our own errors are one line (argparse adds usage)
+        assert len(err.strip().splitlines()) == 1, err
 
 
 def test_adv_train_cli(tmp_path, capsys):
     out = str(tmp_path / "adv")
-    args = TINY + ["--epochs", "2", "--adv-train", "pgd", "--eps", "0.1", "--adv-steps", "2"]
+    args = TINY + ["--epochs", "2", "--adv-train", "pgd", "--eps", "0.1", "--adv-steps", "2",
+                   "--adv-eot", "2", "--adv-val", "40", "--mc-samples", "2", "--limit-eval",
+                   "60"]
     assert T.main(args + ["--out", out]) == 0
     ck = torch.load(os.path.join(out, "checkpoint.pt"), weights_only=True)
     assert ck["config"]["adv_train"] == "pgd" and ck["config"]["adv_eps"] == pytest.approx(0.1)
+    assert ck["config"]["adv_mode"] == "eval" and ck["config"]["adv_eot"] == 2
+    # selected on robust validation accuracy (PGD on the first 40 validation images)
+    lines = [json.loads(l) for l in open(os.path.join(out, "metrics.jsonl"))]
+    assert all(l["val_robust_n"] == 40 and 0 <= l["val_robust_acc"] <= 1
+               for l in lines)
+    s = json.load(open(os.path.join(out, "summary.json")))
+    assert s["selection"].startswith("robust") and "best_val_robust_acc" in s
+    best = max(lines, key=lambda l: (l["val_robust_acc"], l["val_acc"]))
+    assert s["best_epoch"] == best["epoch"]
     # resume stays exact with adversarial training (the PGD generator state is checkpointed)
     b = str(tmp_path / "b")
     assert T.main(args + ["--out", b, "--stop-after", "1"]) == 0
@@ -267,3 +284,28 @@ def test_adv_train_cli(tmp_path, capsys):
         assert torch.equal(v, cb["model"][k]), k
     assert T.main(TINY + ["--epochs", "1", "--out", str(tmp_path / "c"), "--eps", "0.1"]) == 2
     assert "--adv-train" in capsys.readouterr().err
+
+
+def test_cli_defaults_attack_the_noise_on_model(ckpt, tmp_path):
+    """A noisy checkpoint is attacked as the method uses it: Monte-Carlo K=4, noise on, EOT 4;
+    --noise-off attacks the deterministic network; --eot 1 on a stochastic model warns."""
+    js = str(tmp_path / "r.json")
+    base = ["--checkpoint", ckpt, "--steps", "2", "--limit-eval", "20", "--quiet", "--out", js]
+    assert A.main(base) == 0
+    r = json.load(open(js))
+    assert r["mc_samples"] == 4 and r["eot"] == 4 and r["stochastic"] and not r["noise_off"]
+    assert A.main(base + ["--noise-off"]) == 0
+    r = json.load(open(js))
+    assert r["mc_samples"] is None and r["eot"] == 1 and not r["stochastic"] and r["noise_off"]
+    with pytest.warns(UserWarning, match="--eot 1 on a stochastic model"):
+        assert A.main(base + ["--eot", "1"]) == 0
+    assert A.main(base + ["--loss", "cw", "--restarts", "2"]) == 0
+    r = json.load(open(js))
+    assert r["loss"] == "cw" and r["restarts"] == 2
+
+
+def test_cli_cross_check_without_torchattacks(ckpt, monkeypatch, capsys):
+    monkeypatch.setitem(__import__("sys").modules, "torchattacks", None)
+    assert A.main(["--checkpoint", ckpt, "--attack", "apgd", "--limit-eval", "5"]) == 2
+    err = capsys.readouterr().err
+    assert "pip install cdkernels[attacks]" in err and len(err.strip().splitlines()) == 1

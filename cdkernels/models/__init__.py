@@ -105,3 +105,43 @@ register("enresnet", enresnet)
 
 __all__ = ["list", "create", "register", "cd_preact_resnet", "cd_wide_resnet", "enresnet",
            "CDPreActResNet", "EnResNet", "NOISE_MODES"]
+
+
+# -- self-describing checkpoints (cdkernels.train) -----------------------------------------------
+
+def from_checkpoint(path: str, map_location="cpu") -> nn.Module:
+    """The model of a ``cdkernels.train`` checkpoint (best.pt or checkpoint.pt), weights
+    loaded, in eval mode, without the dataset: the checkpoint records the model name and
+    keyword arguments. ``model.checkpoint_info`` holds the rest of that record: num_classes,
+    in_channels, the input normalisation ``mean`` / ``std`` (per channel, of [0, 1] pixels),
+    dataset, classes, epoch and the cdkernels version that wrote it.
+
+    Loads with ``torch.load(weights_only=True)``. Raises ValueError for a file that is not a
+    cdkernels checkpoint, is truncated, or predates the record (format 1: rebuild it with
+    ``cdkernels.attack.load_model``, which reads the dataset)."""
+    import torch
+    try:
+        ck = torch.load(path, map_location=map_location, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as e:
+        raise ValueError(f"cannot load checkpoint {path}: {type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}"
+                         ) from None
+    if not isinstance(ck, dict) or not str(ck.get("format", "")).startswith("cdkernels-train/"):
+        raise ValueError(f"{path} is not a cdkernels training checkpoint")
+    arch = ck.get("arch")
+    if not arch:
+        raise ValueError(f"{path} has no model record (older checkpoint format 1); rebuild "
+                         "it with cdkernels.attack.load_model, which reads the dataset")
+    model = create(arch["name"], **arch["kwargs"])
+    try:
+        model.load_state_dict(ck["model"])
+    except RuntimeError as e:
+        raise ValueError(f"{path}: the weights do not fit {arch['name']}: "
+                         f"{str(e).splitlines()[0]}") from None
+    info = {k: v for k, v in arch.items() if k != "kwargs"}
+    info.update(kwargs=dict(arch["kwargs"]), epoch=ck.get("epoch"),
+                cdkernels_version=ck.get("cdkernels_version"), config=ck.get("config"))
+    model.checkpoint_info = info
+    return model.to(map_location).eval()
