@@ -200,7 +200,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cd_step_bwd", [](uintptr_t grad_y, uintptr_t y, uintptr_t grad_x, uintptr_t grad_f,
                           uintptr_t grad_sigma, int64_t n, int dtype, double dt, uintptr_t sigma,
                           double sigma_value, int64_t C, int64_t chan_stride, uintptr_t seed,
-                          uint64_t offset, const std::string& act, int nthreads) {
+                          uint64_t offset, const std::string& act, int nthreads,
+                          double gs_scale) {
         PointArgs a;
         a.dtype = check_dtype(dtype);
         a.act = parse_act(act);
@@ -217,11 +218,14 @@ PYBIND11_MODULE(_C, m) {
         a.seed = read_seed(seed);
         a.offset = offset;
         py::gil_scoped_release nogil;
-        cd_step_bwd(a, n, grad_sigma ? ptr<float>(grad_sigma) : nullptr, nthreads);
+        cd_step_bwd(a, n, grad_sigma ? ptr<float>(grad_sigma) : nullptr, nthreads,
+                    (float)gs_scale);
       }, py::arg("grad_y"), py::arg("y"), py::arg("grad_x"), py::arg("grad_f"),
       py::arg("grad_sigma"), py::arg("n"), py::arg("dtype"), py::arg("dt"), py::arg("sigma"),
       py::arg("sigma_value"), py::arg("C"), py::arg("chan_stride"), py::arg("seed"),
-      py::arg("offset"), py::arg("act"), py::arg("nthreads"));
+      py::arg("offset"), py::arg("act"), py::arg("nthreads"), py::arg("gs_scale") = 0.0,
+      "gs_scale == 0: grad_sigma[c] += sum (caller zero-fills); else grad_sigma[c] = "
+      "float(sum) * float(gs_scale) (overwrites: no zero-fill, no separate scale op).");
 
   // -- cd_smooth ------------------------------------------------------------------------------
   m.def("cd_smooth_fwd", [](uintptr_t x, uintptr_t y, int64_t n, int dtype, uintptr_t sigma,

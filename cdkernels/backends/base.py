@@ -25,6 +25,7 @@ float32; stores round to nearest even.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -71,6 +72,20 @@ class Backend:
         grad_x = gz (if not None); grad_f = dt * gz (if not None);
         grad_sigma[c] += sum over elements of channel c of gz * eps[p]  (no sqrt(dt) factor)."""
         raise NotImplementedError
+
+    def cd_step_bwd_sigma(self, grad_y: Tensor, y: Optional[Tensor], grad_x: Optional[Tensor],
+                          grad_f: Optional[Tensor], n_sigma: int, gs_dtype: torch.dtype,
+                          dt: float, sigma: Optional[Tensor], sigma_value: float, C: int,
+                          chan_stride: int, seed: Tensor, offset: int, act: str) -> Tensor:
+        """:meth:`cd_step_bwd` that also returns the finished sigma gradient, a new
+        ``gs_dtype`` tensor of shape [n_sigma] = float32(sum) * float32(sqrt(dt)) (n_sigma = C).
+        This default zero-fills, calls :meth:`cd_step_bwd` and scales; a backend may fold the
+        zero-fill and the scale into its kernel (the CPU backend does) but must round the same
+        way: the float32 sum, then one float32 multiply."""
+        gs = torch.zeros(n_sigma, dtype=gs_dtype, device=grad_y.device)
+        self.cd_step_bwd(grad_y, y, grad_x, grad_f, gs, dt, sigma, sigma_value, C, chan_stride,
+                         seed, offset, act)
+        return gs.mul_(math.sqrt(dt))
 
     # -- cd_smooth: y = (1/K) sum_k act(x + s*eps_k[p]), eps_k = stream (seed, offset, k) ---------
     def cd_smooth_fwd(self, x: Tensor, y: Tensor, sigma: Optional[Tensor], sigma_value: float,

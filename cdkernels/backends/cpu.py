@@ -7,6 +7,7 @@ says why.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -95,6 +96,21 @@ class CpuBackend(Backend):
                        _ptr(grad_sigma), grad_y.numel(), _code(grad_y), float(dt), _ptr(sigma),
                        float(sigma_value), int(C), int(chan_stride), _seed_ptr(seed),
                        int(offset), act, _nthreads())
+
+    def cd_step_bwd_sigma(self, grad_y, y, grad_x, grad_f, n_sigma, gs_dtype, dt, sigma,
+                          sigma_value, C, chan_stride, seed, offset, act):
+        if gs_dtype != torch.float32 or not math.sqrt(dt) > 1e-30:
+            # (a zero scale would mean "add into" to the kernel: keep the generic path)
+            return super().cd_step_bwd_sigma(grad_y, y, grad_x, grad_f, n_sigma, gs_dtype, dt,
+                                             sigma, sigma_value, C, chan_stride, seed, offset,
+                                             act)
+        # the kernel writes float32(sum) * float32(sqrt(dt)) itself: no zero fill, no scale op
+        gs = torch.empty(n_sigma, dtype=torch.float32)
+        _C.cd_step_bwd(grad_y.data_ptr(), _ptr(y), _out(grad_x), _out(grad_f), gs.data_ptr(),
+                       grad_y.numel(), _code(grad_y), float(dt), _ptr(sigma), float(sigma_value),
+                       int(C), int(chan_stride), _seed_ptr(seed), int(offset), act, _nthreads(),
+                       gs_scale=math.sqrt(dt))
+        return gs
 
     # -- cd_smooth --------------------------------------------------------------------------
     def cd_smooth_fwd(self, x, y, sigma, sigma_value, C, chan_stride, samples, seed, offset,

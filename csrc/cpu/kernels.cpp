@@ -1,11 +1,11 @@
 // kernels.cpp -- SIMD clones of kernels_impl.h, run-time dispatch and threading.
 #include "cpu/kernels.h"
+#include "cpu/pool.h"
 
 #include <stdlib.h>
 
 #include <atomic>
 #include <cstring>
-#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -101,7 +101,8 @@ inline const KernelTable& K() { return *level().table.load(std::memory_order_rel
 
 // ---- threading ------------------------------------------------------------------------------
 // Items [0, n) split in nt contiguous ranges whose inner bounds are multiples of `align`;
-// fn(t, begin, end) runs for each range, range 0 on the calling thread.
+// fn(t, begin, end) runs for each range on the persistent pool (pool.h). The split depends only
+// on (n, align, nt), so per-thread partial sums, and hence results, are deterministic.
 template <class F>
 void parallel_for(int64_t n, int64_t align, int nt, F&& fn) {
   if (n <= 0) return;
@@ -112,27 +113,14 @@ void parallel_for(int64_t n, int64_t align, int nt, F&& fn) {
     const int64_t b = (int64_t)(((__int128)units * t) / nt) * align;
     return b < n ? b : n;
   };
-  std::vector<std::thread> th;
-  th.reserve(nt - 1);
-  int started = 1;
-  for (int t = 1; t < nt; ++t) {
-    try {
-      th.emplace_back([&fn, t, b0 = bound(t), b1 = bound(t + 1)] { fn(t, b0, b1); });
-      started = t + 1;
-    } catch (...) {
-      break;  // could not start a thread: the caller's thread does the rest
-    }
-  }
-  fn(0, bound(0), bound(1));
-  if (started < nt) fn(started, bound(started), n);
-  for (auto& x : th) x.join();
+  pool_run(nt, [&](int t) { fn(t, bound(t), bound(t + 1)); });
 }
 
-// How many threads are worth it for `work` element-operations. Threads are started per call
-// (no pool), which costs ~50 us on the dev VM: a 64K-element cd_step took 75 us on one thread
-// and 92 us on two, while 1M elements took 1220 us on one and 697 us on two.
+// How many threads are worth it for `work` element-operations. Waking a parked pool worker
+// costs a few microseconds (a thread start cost ~50 us), so the threshold is 32K
+// element-operations per thread: a 16K-element cd_step forward already splits over 2 threads.
 int threads_for(double work, int nthreads) {
-  const double min_work_per_thread = 262144.0;
+  const double min_work_per_thread = 32768.0;
   int nt = nthreads < 1 ? 1 : nthreads;
   const double cap = work / min_work_per_thread;
   if (cap < nt) nt = cap < 1.0 ? 1 : (int)cap;
@@ -147,11 +135,14 @@ struct ChannelSums {
   std::vector<double> v;
   ChannelSums(int nt, int64_t C_) : C(C_), v((size_t)nt * (size_t)C_, 0.0) {}
   double* of(int t) { return v.data() + (size_t)t * (size_t)C; }
-  void add_into(float* out, int nt) {
+  // scale == 0: out[c] += sum; else out[c] = float(sum) * scale (the rounding of a float32
+  // sum followed by a float32 multiply, as the zero-fill + add + mul_ path computes it).
+  void add_into(float* out, int nt, float scale = 0.0f) {
     for (int64_t c = 0; c < C; ++c) {
       double s = 0.0;
       for (int t = 0; t < nt; ++t) s += v[(size_t)t * (size_t)C + (size_t)c];
-      out[c] += (float)s;
+      if (scale == 0.0f) out[c] += (float)s;
+      else out[c] = (float)s * scale;
     }
   }
 };
@@ -212,7 +203,8 @@ void cd_step_fwd(const PointArgs& a, int64_t n, int nthreads) {
                [&](int, int64_t b0, int64_t b1) { k.cd_step_fwd(a, b0, b1); });
 }
 
-void cd_step_bwd(const PointArgs& a, int64_t n, float* grad_sigma, int nthreads) {
+void cd_step_bwd(const PointArgs& a, int64_t n, float* grad_sigma, int nthreads,
+                 float gs_scale) {
   const KernelTable& k = K();
   PointArgs args = a;
   args.want_gsigma = grad_sigma != nullptr;
@@ -221,7 +213,7 @@ void cd_step_bwd(const PointArgs& a, int64_t n, float* grad_sigma, int nthreads)
   parallel_for(n, kAlign, nt, [&](int t, int64_t b0, int64_t b1) {
     k.cd_step_bwd(args, b0, b1, args.want_gsigma ? sums.of(t) : nullptr);
   });
-  if (args.want_gsigma) sums.add_into(grad_sigma, nt);
+  if (args.want_gsigma) sums.add_into(grad_sigma, nt, gs_scale);
 }
 
 void cd_smooth_fwd(const PointArgs& a, int64_t n, int nthreads) {

@@ -33,7 +33,9 @@ void uniform(float* out, int64_t n, uint64_t seed, uint64_t offset, uint32_t sam
 void normal(void* out, int dtype, int64_t n, uint64_t seed, uint64_t offset, uint32_t sample,
             int nthreads);
 void cd_step_fwd(const PointArgs& a, int64_t n, int nthreads);
-void cd_step_bwd(const PointArgs& a, int64_t n, float* grad_sigma, int nthreads);
+// gs_scale == 0: grad_sigma[c] += sum; else grad_sigma[c] = float(sum) * gs_scale (overwrite).
+void cd_step_bwd(const PointArgs& a, int64_t n, float* grad_sigma, int nthreads,
+                 float gs_scale = 0.0f);
 void cd_smooth_fwd(const PointArgs& a, int64_t n, int nthreads);
 void cd_smooth_bwd(const PointArgs& a, int64_t n, float* grad_sigma, int nthreads);
 void ensemble_mean_fwd(const EnsArgs& a, int nthreads);
