@@ -164,7 +164,8 @@ def _eager_ok(x, f) -> bool:
 
 class _CDStepFn(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, f, sigma, dt, sigma_value, seed, seed_int, act, be):
+    def forward(ctx, x, f, sigma, meta):
+        dt, sigma_value, seed, seed_int, act, be = meta
         y = _run_fwd(x, f, dt, sigma_value, sigma, seed, 0, act, be)
         ctx.dt, ctx.sigma_value, ctx.act, ctx.be = dt, sigma_value, act, be
         ctx.seed_int = seed_int
@@ -181,39 +182,51 @@ class _CDStepFn(torch.autograd.Function):
         need_x, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_sigma = sigma is not None and ctx.needs_input_grad[2]
         if ctx.act == "none" and not need_sigma:
-            return (grad_y if need_x else None, grad_y * ctx.dt if need_f else None,
-                    None, None, None, None, None, None, None)
+            return grad_y if need_x else None, grad_y * ctx.dt if need_f else None, None, None
         if seed is None:
             seed = torch.full((1,), ctx.seed_int, dtype=torch.int64)
         gx, gf, gs = _run_bwd(grad_y, y, ctx.dt, ctx.sigma_value, sigma, seed, 0, ctx.act,
                               ctx.be, need_x or need_f, need_sigma)
         return (gx if need_x else None, gf if need_f else None,
-                _sigma_grad(gs, ctx.sigma_shape, ctx.sigma_dtype) if need_sigma else None,
-                None, None, None, None, None, None)
+                _sigma_grad(gs, ctx.sigma_shape, ctx.sigma_dtype) if need_sigma else None, None)
+
+
+_INF = float("inf")
 
 
 def _cd_step_eager(x, f, dt, sigma, act, seed, backend):
-    C.check_float_tensor(x, "x")
-    C.check_float_tensor(f, "f")
-    C.check_same(x, f, "x", "f")
-    dt = C.check_nonneg_number(dt, "dt")
-    sigma_value, sigma_t = C.sigma_args(sigma, x)
-    act = C.check_activation(act, ACTIVATIONS)
-    be = get_backend(x.device, x.dtype, backend)
+    # The common argument kinds are checked inline (attribute reads cost ~0.3 us each here);
+    # anything unusual goes through the full checks, which raise the documented errors.
+    dtype, dev = x.dtype, x.device
+    if not (f.dtype == dtype and dtype in C.FLOAT_DTYPES and f.shape == x.shape
+            and f.device == dev):
+        C.check_float_tensor(x, "x")
+        C.check_float_tensor(f, "f")
+        C.check_same(x, f, "x", "f")
+    if not (type(dt) is float and 0.0 <= dt < _INF):
+        dt = C.check_nonneg_number(dt, "dt")
+    if type(sigma) is float and 0.0 <= sigma < _INF:
+        sigma_value, sigma_t = sigma, None
+    else:
+        sigma_value, sigma_t = C.sigma_args(sigma, x)
+    act = "none" if act is None else act if act in ACTIVATIONS else C.check_activation(
+        act, ACTIVATIONS)
+    be = get_backend(dev, dtype, backend)
     grad = torch.is_grad_enabled() and (x.requires_grad or f.requires_grad or (
         sigma_t is not None and sigma_t.requires_grad))
     seed_int = None
-    if x.device.type == "cpu" and not isinstance(seed, torch.Tensor):
+    if x.is_cpu and not isinstance(seed, torch.Tensor):  # (is_cpu: device.type costs ~2 us)
         # reusable per-thread buffer: no tensor allocation for the seed (CPU kernels read it
         # at call time; backward rebuilds it from seed_int)
         seed_t = C.cpu_seed_buffer(seed)
         if grad:
-            seed_int = int(seed_t)
+            seed_int = seed_t.item()
     else:
-        seed_t = C.make_seed(seed, x.device)
+        seed_t = C.make_seed(seed, dev)
     if not grad:
         return _run_fwd(x, f, dt, sigma_value, sigma_t, seed_t, 0, act, be)
-    return _CDStepFn.apply(x, f, sigma_t, dt, sigma_value, seed_t, seed_int, act, be)
+    # non-tensor arguments packed in one tuple: apply() walks its arguments (~1 us each)
+    return _CDStepFn.apply(x, f, sigma_t, (dt, sigma_value, seed_t, seed_int, act, be))
 
 
 def cd_step(x: Tensor, f: Tensor, dt: float, sigma: Union[float, Tensor], *,

@@ -86,9 +86,17 @@ class CpuBackend(Backend):
 
     # -- cd_step ----------------------------------------------------------------------------
     def cd_step_fwd(self, x, f, y, dt, sigma, sigma_value, C, chan_stride, seed, offset, act):
-        _C.cd_step_fwd(x.data_ptr(), f.data_ptr(), _out(y), x.numel(), _code(x),
-                       float(dt), _ptr(sigma), float(sigma_value), int(C), int(chan_stride),
-                       _seed_ptr(seed), int(offset), act, _nthreads())
+        n = x.numel()
+        # (inline for the per-call host time of tiny tensors: _out/_seed_ptr/_code add ~2 us)
+        if seed.dtype != torch.int64 or seed.is_cuda:
+            _seed_ptr(seed)  # raises
+        code = _DTYPE_CODES.get(x.dtype)
+        if code is None:
+            _code(x)  # raises
+        _C.cd_step_fwd(x.data_ptr(), f.data_ptr(), _out(y) if n >= (1 << 20) else y.data_ptr(),
+                       n, code, float(dt), 0 if sigma is None else sigma.data_ptr(),
+                       float(sigma_value), int(C), int(chan_stride), seed.data_ptr(),
+                       int(offset), act, torch.get_num_threads())
 
     def cd_step_bwd(self, grad_y, y, grad_x, grad_f, grad_sigma, dt, sigma, sigma_value, C,
                     chan_stride, seed, offset, act):
