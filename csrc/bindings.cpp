@@ -268,6 +268,36 @@ PYBIND11_MODULE(_C, m) {
       py::arg("chan_stride"), py::arg("samples"), py::arg("seed"), py::arg("offset"),
       py::arg("act"), py::arg("nthreads"));
 
+  // -- std-scaled step ------------------------------------------------------------------------
+  m.def("z_stats", [](uintptr_t x, uintptr_t f, int64_t n, int dtype, double dt, uintptr_t out,
+                      int nthreads) {
+        PointArgs a;
+        a.dtype = check_dtype(dtype);
+        a.x = ptr<const void>(x); a.f = ptr<const void>(f);
+        a.dt = (float)dt;
+        py::gil_scoped_release nogil;
+        z_stats(a, n, ptr<double>(out), nthreads);
+      }, py::arg("x"), py::arg("f"), py::arg("n"), py::arg("dtype"), py::arg("dt"),
+      py::arg("out"), py::arg("nthreads"),
+      "out float64 [2] = (mean, unbiased std) of z = x + dt*f (float32 z, double sums).");
+  m.def("z_std_bwd", [](uintptr_t x, uintptr_t f, uintptr_t grad_y, uintptr_t grad_x,
+                        uintptr_t grad_f, int64_t n, int dtype, double dt, double mean, double za,
+                        double zb, int nthreads) {
+        PointArgs a;
+        a.dtype = check_dtype(dtype);
+        a.x = ptr<const void>(x); a.f = ptr<const void>(f);
+        a.gy = grad_y ? ptr<const void>(grad_y) : nullptr;
+        a.gx = ptr<void>(grad_x); a.gf = grad_f ? ptr<void>(grad_f) : nullptr;
+        a.dt = (float)dt;
+        a.zmean = (float)mean; a.za = (float)za; a.zb = (float)zb;
+        py::gil_scoped_release nogil;
+        z_std_bwd(a, n, nthreads);
+      }, py::arg("x"), py::arg("f"), py::arg("grad_y"), py::arg("grad_x"), py::arg("grad_f"),
+      py::arg("n"), py::arg("dtype"), py::arg("dt"), py::arg("mean"), py::arg("za"),
+      py::arg("zb"), py::arg("nthreads"),
+      "grad_x = grad_y + za*(z - mean) + zb, grad_f = dt*grad_x, z = x + dt*f (grad_y, grad_f "
+      "optional).");
+
   // -- ensemble_mean --------------------------------------------------------------------------
   m.def("ensemble_mean_fwd", [](uintptr_t inp, uintptr_t out, int64_t K, int64_t B, int64_t C,
                                 int dtype, const std::string& space, int nthreads) {

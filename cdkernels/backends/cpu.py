@@ -120,6 +120,16 @@ class CpuBackend(Backend):
                        gs_scale=math.sqrt(dt))
         return gs
 
+    # -- std-scaled step ---------------------------------------------------------------------
+    def z_stats(self, x, f, dt, out):
+        _C.z_stats(x.data_ptr(), f.data_ptr(), x.numel(), _code(x), float(dt), out.data_ptr(),
+                   _nthreads())
+
+    def z_std_bwd(self, x, f, grad_y, dt, coefs, grad_x, grad_f):
+        mean, a, b = coefs.tolist()  # CPU tensor: no device sync involved
+        _C.z_std_bwd(x.data_ptr(), f.data_ptr(), _ptr(grad_y), _out(grad_x), _out(grad_f),
+                     x.numel(), _code(x), float(dt), mean, a, b, _nthreads())
+
     # -- cd_smooth --------------------------------------------------------------------------
     def cd_smooth_fwd(self, x, y, sigma, sigma_value, C, chan_stride, samples, seed, offset,
                       act):

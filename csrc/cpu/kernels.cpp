@@ -234,6 +234,34 @@ void cd_smooth_bwd(const PointArgs& a, int64_t n, float* grad_sigma, int nthread
   if (args.want_gsigma) sums.add_into(grad_sigma, nt);
 }
 
+void z_stats(const PointArgs& a, int64_t n, double* out, int nthreads) {
+  const KernelTable& k = K();
+  if (n <= 0) { out[0] = out[1] = __builtin_nan(""); return; }
+  PointArgs args = a;
+  double z0[2] = {0.0, 0.0};
+  args.zshift = 0.0f;
+  k.z_moments(args, 0, 1, z0);  // the sum over element 0 alone is z[0]
+  args.zshift = (float)z0[0];
+  const int nt = threads_for(1.0 * n, nthreads);
+  std::vector<double> part((size_t)nt * 2, 0.0);
+  parallel_for(n, kAlign, nt, [&](int t, int64_t b0, int64_t b1) {
+    k.z_moments(args, b0, b1, part.data() + 2 * t);
+  });
+  double s1 = 0.0, s2 = 0.0;
+  for (int t = 0; t < nt; ++t) { s1 += part[2 * t]; s2 += part[2 * t + 1]; }
+  const double nd = (double)n;
+  double var = (s2 - s1 * s1 / nd) / (nd - 1.0);
+  if (var < 0.0) var = 0.0;
+  out[0] = (double)args.zshift + s1 / nd;
+  out[1] = n > 1 ? __builtin_sqrt(var) : __builtin_nan("");
+}
+
+void z_std_bwd(const PointArgs& a, int64_t n, int nthreads) {
+  const KernelTable& k = K();
+  parallel_for(n, kAlign, threads_for(1.0 * n, nthreads),
+               [&](int, int64_t b0, int64_t b1) { k.z_std_bwd(a, b0, b1); });
+}
+
 // Rows b of the ensemble split over threads, each with its own float scratch of 5*C + K + 16.
 template <class RowFn>
 static void ensemble_rows(const EnsArgs& a, int nthreads, RowFn&& rows) {
