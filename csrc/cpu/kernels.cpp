@@ -100,12 +100,18 @@ Level& level() {
 inline const KernelTable& K() { return *level().table.load(std::memory_order_relaxed); }
 
 // ---- threading ------------------------------------------------------------------------------
-// Items [0, n) split in nt contiguous ranges whose inner bounds are multiples of `align`;
-// fn(t, begin, end) runs for each range on the persistent pool (pool.h). The split depends only
-// on (n, align, nt), so per-thread partial sums, and hence results, are deterministic.
+// A parallel job: `tasks` contiguous ranges of [0, n) (inner bounds multiples of `align`) run on
+// `threads` threads of the persistent pool (pool.h). The split depends only on (n, align, tasks)
+// and per-range partial sums are combined in range order, so results are deterministic for a
+// given thread count.
+struct Split {
+  int threads = 1, tasks = 1;
+};
+
 template <class F>
-void parallel_for(int64_t n, int64_t align, int nt, F&& fn) {
+void parallel_for(int64_t n, int64_t align, Split sp, F&& fn) {
   if (n <= 0) return;
+  const int nt = sp.tasks;
   if (nt <= 1) { fn(0, (int64_t)0, n); return; }
   const int64_t units = (n + align - 1) / align;
   auto bound = [&](int t) -> int64_t {
@@ -113,18 +119,25 @@ void parallel_for(int64_t n, int64_t align, int nt, F&& fn) {
     const int64_t b = (int64_t)(((__int128)units * t) / nt) * align;
     return b < n ? b : n;
   };
-  pool_run(nt, [&](int t) { fn(t, bound(t), bound(t + 1)); });
+  pool_run(nt, sp.threads, [&](int t) { fn(t, bound(t), bound(t + 1)); });
 }
 
-// How many threads are worth it for `work` element-operations. Waking a parked pool worker
-// costs a few microseconds (a thread start cost ~50 us), so the threshold is 32K
-// element-operations per thread: a 16K-element cd_step forward already splits over 2 threads.
-int threads_for(double work, int nthreads) {
-  const double min_work_per_thread = 32768.0;
+// Threads worth using for `work` element-operations: waking a parked pool worker costs a few
+// microseconds (starting a thread cost ~50 us), so 32K element-operations per thread are enough.
+// Each thread gets up to 4 tasks (>= 32K element-operations each): if the OS runs a helper late
+// (a loaded machine), the caller works through the unclaimed tasks instead of waiting.
+Split threads_for(double work, int nthreads) {
+  const double min_work = 32768.0;
+  Split sp;
   int nt = nthreads < 1 ? 1 : nthreads;
-  const double cap = work / min_work_per_thread;
+  const double cap = work / min_work;
   if (cap < nt) nt = cap < 1.0 ? 1 : (int)cap;
-  return nt;
+  sp.threads = nt;
+  if (nt > 1) {
+    const double tasks = cap < 4.0 * nt ? cap : 4.0 * nt;
+    sp.tasks = tasks < nt ? nt : (int)tasks;
+  }
+  return sp;
 }
 
 constexpr int64_t kAlign = 64;  // element ranges start at multiples of 64 (whole cache lines)
@@ -208,12 +221,12 @@ void cd_step_bwd(const PointArgs& a, int64_t n, float* grad_sigma, int nthreads,
   const KernelTable& k = K();
   PointArgs args = a;
   args.want_gsigma = grad_sigma != nullptr;
-  const int nt = threads_for((args.want_gsigma ? 2.0 : 0.5) * n, nthreads);
-  ChannelSums sums(nt, args.want_gsigma ? a.C : 0);
-  parallel_for(n, kAlign, nt, [&](int t, int64_t b0, int64_t b1) {
+  const Split sp = threads_for((args.want_gsigma ? 2.0 : 0.5) * n, nthreads);
+  ChannelSums sums(sp.tasks, args.want_gsigma ? a.C : 0);
+  parallel_for(n, kAlign, sp, [&](int t, int64_t b0, int64_t b1) {
     k.cd_step_bwd(args, b0, b1, args.want_gsigma ? sums.of(t) : nullptr);
   });
-  if (args.want_gsigma) sums.add_into(grad_sigma, nt, gs_scale);
+  if (args.want_gsigma) sums.add_into(grad_sigma, sp.tasks, gs_scale);
 }
 
 void cd_smooth_fwd(const PointArgs& a, int64_t n, int nthreads) {
@@ -226,12 +239,12 @@ void cd_smooth_bwd(const PointArgs& a, int64_t n, float* grad_sigma, int nthread
   const KernelTable& k = K();
   PointArgs args = a;
   args.want_gsigma = grad_sigma != nullptr;
-  const int nt = threads_for(2.0 * (double)n * (double)a.samples, nthreads);
-  ChannelSums sums(nt, args.want_gsigma ? a.C : 0);
-  parallel_for(n, kAlign, nt, [&](int t, int64_t b0, int64_t b1) {
+  const Split sp = threads_for(2.0 * (double)n * (double)a.samples, nthreads);
+  ChannelSums sums(sp.tasks, args.want_gsigma ? a.C : 0);
+  parallel_for(n, kAlign, sp, [&](int t, int64_t b0, int64_t b1) {
     k.cd_smooth_bwd(args, b0, b1, args.want_gsigma ? sums.of(t) : nullptr);
   });
-  if (args.want_gsigma) sums.add_into(grad_sigma, nt);
+  if (args.want_gsigma) sums.add_into(grad_sigma, sp.tasks);
 }
 
 void z_stats(const PointArgs& a, int64_t n, double* out, int nthreads) {
@@ -242,13 +255,13 @@ void z_stats(const PointArgs& a, int64_t n, double* out, int nthreads) {
   args.zshift = 0.0f;
   k.z_moments(args, 0, 1, z0);  // the sum over element 0 alone is z[0]
   args.zshift = (float)z0[0];
-  const int nt = threads_for(1.0 * n, nthreads);
-  std::vector<double> part((size_t)nt * 2, 0.0);
-  parallel_for(n, kAlign, nt, [&](int t, int64_t b0, int64_t b1) {
+  const Split sp = threads_for(1.0 * n, nthreads);
+  std::vector<double> part((size_t)sp.tasks * 2, 0.0);
+  parallel_for(n, kAlign, sp, [&](int t, int64_t b0, int64_t b1) {
     k.z_moments(args, b0, b1, part.data() + 2 * t);
   });
   double s1 = 0.0, s2 = 0.0;
-  for (int t = 0; t < nt; ++t) { s1 += part[2 * t]; s2 += part[2 * t + 1]; }
+  for (int t = 0; t < sp.tasks; ++t) { s1 += part[2 * t]; s2 += part[2 * t + 1]; }
   const double nd = (double)n;
   double var = (s2 - s1 * s1 / nd) / (nd - 1.0);
   if (var < 0.0) var = 0.0;
@@ -265,11 +278,13 @@ void z_std_bwd(const PointArgs& a, int64_t n, int nthreads) {
 // Rows b of the ensemble split over threads, each with its own float scratch of 5*C + K + 16.
 template <class RowFn>
 static void ensemble_rows(const EnsArgs& a, int nthreads, RowFn&& rows) {
-  const int nt = threads_for(3.0 * (double)a.K * (double)a.B * (double)a.C, nthreads);
-  const int nth = nt < a.B ? nt : (int)(a.B > 0 ? a.B : 1);
+  Split sp = threads_for(3.0 * (double)a.K * (double)a.B * (double)a.C, nthreads);
+  const int64_t Bmax = a.B > 0 ? a.B : 1;
+  if (sp.tasks > Bmax) sp.tasks = (int)Bmax;
+  if (sp.threads > sp.tasks) sp.threads = sp.tasks;
   const size_t per = (size_t)(5 * a.C + a.K + 16);
-  std::vector<float> scratch(per * (size_t)nth);  // allocated here: bad_alloc reaches Python
-  parallel_for(a.B, 1, nth, [&](int t, int64_t b0, int64_t b1) {
+  std::vector<float> scratch(per * (size_t)sp.tasks);  // here: bad_alloc reaches Python
+  parallel_for(a.B, 1, sp, [&](int t, int64_t b0, int64_t b1) {
     rows(b0, b1, scratch.data() + per * (size_t)t);
   });
 }

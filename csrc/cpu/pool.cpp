@@ -29,6 +29,7 @@ struct Pool {
   uint64_t generation = 0;
   const std::function<void(int)>* task = nullptr;
   int ntasks = 0;
+  int helpers = 0;  // workers with id < helpers take part in the current job
   // (generation low 32 bits) << 32 | next task index. Claiming by CAS on this word means a
   // worker that woke late for an old job can never claim a task of the next one.
   std::atomic<uint64_t> claim{0};
@@ -52,19 +53,21 @@ struct Pool {
     }
   }
 
-  void worker() {
+  void worker(int id) {
     uint64_t seen = 0;
     for (;;) {
       const std::function<void(int)>* fn;
       int n;
+      bool mine;
       {
         std::unique_lock<std::mutex> lk(m);
         wake.wait(lk, [&] { return generation != seen; });
         seen = generation;
         fn = task;
         n = ntasks;
+        mine = id < helpers;
       }
-      drain((uint32_t)seen, fn, n);
+      if (mine) drain((uint32_t)seen, fn, n);
     }
   }
 
@@ -73,7 +76,7 @@ struct Pool {
   void grow(int want) {
     while (nworkers < want) {
       try {
-        std::thread(&Pool::worker, this).detach();
+        std::thread(&Pool::worker, this, nworkers).detach();
       } catch (...) {
         return;  // could not start a thread: fewer helpers, the caller does the rest
       }
@@ -81,21 +84,23 @@ struct Pool {
     }
   }
 
-  void run(int n, const std::function<void(int)>& fn) {
-    grow(n - 1);
+  void run(int n, int nthreads, const std::function<void(int)>& fn) {
+    grow(nthreads - 1);
     uint32_t gen;
     {
       std::lock_guard<std::mutex> g(m);
       task = &fn;
       ntasks = n;
+      helpers = nthreads - 1;
       gen = (uint32_t)++generation;
       remaining.store(n, std::memory_order_relaxed);
       claim.store((uint64_t)gen << 32, std::memory_order_release);
     }
     wake.notify_all();
     drain(gen, &fn, n);
-    // Short spin first: small jobs finish within microseconds of the caller's own share.
-    for (int i = 0; i < 4000 && remaining.load(std::memory_order_acquire) != 0; ++i) CDK_PAUSE();
+    // Short spin first (a few microseconds: small jobs finish about when the caller's share
+    // does), then sleep: on an oversubscribed machine spinning would steal the helpers' core.
+    for (int i = 0; i < 256 && remaining.load(std::memory_order_acquire) != 0; ++i) CDK_PAUSE();
     if (remaining.load(std::memory_order_acquire) != 0) {
       std::unique_lock<std::mutex> lk(m);
       done.wait(lk, [&] { return remaining.load(std::memory_order_acquire) == 0; });
@@ -126,9 +131,12 @@ Pool* pool() {
 
 }  // namespace
 
-void pool_run(int ntasks, const std::function<void(int)>& task) {
+void pool_run(int ntasks, int nthreads, const std::function<void(int)>& task) {
   if (ntasks <= 0) return;
-  if (ntasks == 1) { task(0); return; }
+  if (ntasks == 1 || nthreads <= 1) {
+    for (int t = 0; t < ntasks; ++t) task(t);
+    return;
+  }
   Pool* p = pool();
   std::unique_lock<std::mutex> own(p->busy, std::try_to_lock);
   if (!own.owns_lock()) {
@@ -136,7 +144,7 @@ void pool_run(int ntasks, const std::function<void(int)>& task) {
     for (int t = 0; t < ntasks; ++t) task(t);
     return;
   }
-  p->run(ntasks, task);
+  p->run(ntasks, nthreads < ntasks ? nthreads : ntasks, task);
 }
 
 int pool_size() { return pool()->nworkers; }

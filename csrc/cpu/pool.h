@@ -13,9 +13,11 @@
 
 namespace cdk_cpu {
 
-// Run task(t) for t in [0, ntasks). Tasks may run on any thread, in any order; returns when all
-// have finished. ntasks <= 1 runs inline. Never throws from worker threads: task must not throw.
-void pool_run(int ntasks, const std::function<void(int)>& task);
+// Run task(t) for t in [0, ntasks) on at most `nthreads` threads (the caller and nthreads - 1
+// workers). Tasks may run on any of them, in any order; returns when all have finished.
+// More tasks than threads lets the caller take over the share of a helper that the OS has not
+// scheduled yet (a loaded machine). task must not throw.
+void pool_run(int ntasks, int nthreads, const std::function<void(int)>& task);
 
 // Workers currently started (tests / diagnostics).
 int pool_size();
