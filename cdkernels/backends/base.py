@@ -35,6 +35,9 @@ Tensor = torch.Tensor
 
 class Backend:
     name: str = "?"
+    # True if the methods only use data_ptr()/numel() of their data tensors, so the ops may pass
+    # contiguous N-d tensors instead of 1-D views (saves host time on tiny calls).
+    accepts_contiguous_nd: bool = False
 
     # -- availability -------------------------------------------------------------------------
     def availability(self) -> Tuple[bool, str]:

@@ -60,6 +60,7 @@ def _nthreads() -> int:
 
 class CpuBackend(Backend):
     name = "cpu"
+    accepts_contiguous_nd = True  # every method reads data_ptr()/numel() only
 
     def availability(self):
         if _C is None:
