@@ -157,13 +157,16 @@ _is_compiling = torch.compiler.is_compiling
 _peek_functorch = torch._C._functorch.peek_interpreter_stack
 _dispatch_modes = torch._C._len_torch_dispatch_stack
 _function_mode = torch._C._is_torch_function_mode_enabled
+_jit_tracing = torch._C._get_tracing_state
 
 
 def _eager_ok(x, f) -> bool:
-    """True when nothing but plain eager autograd is watching: not tracing/compiling, no
-    functorch transform (vmap, grad), no dispatch or function mode, no tensor subclass."""
+    """True when nothing but plain eager autograd is watching: not tracing/compiling (dynamo,
+    torch.jit.trace), no functorch transform (vmap, grad), no dispatch or function mode, no
+    tensor subclass."""
     return (type(x) in _PLAIN and type(f) in _PLAIN and not _is_compiling()
-            and _peek_functorch() is None and not _dispatch_modes() and not _function_mode())
+            and _peek_functorch() is None and not _dispatch_modes() and not _function_mode()
+            and not _jit_tracing())
 
 
 class _CDStepFn(torch.autograd.Function):

@@ -235,3 +235,10 @@ def test_pool_thread_counts_agree():
     for y, gs in outs[1:]:
         assert torch.equal(y, outs[0][0])
         torch.testing.assert_close(gs, outs[0][1], **TOL[torch.float32])
+
+
+def test_jit_trace_uses_the_custom_op():
+    x, f = _data((3, 4))
+    traced = torch.jit.trace(lambda a, b: cdkernels.cd_step(a, b, 0.1, 0.5, seed=3), (x, f))
+    assert "cdkernels::cd_step" in str(traced.graph)
+    torch.testing.assert_close(traced(x, f), cdkernels.cd_step(x, f, 0.1, 0.5, seed=3))
