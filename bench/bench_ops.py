@@ -370,7 +370,7 @@ def describe(device):
     return f"{model}, {torch.get_num_threads()} threads{simd}"
 
 
-_HDR = (f"{'op':<26}{'shape':<16}{'dtype':<9}{'impl':<18}{'time us':>11}{'spread us':>19}"
+_HDR = (f"{'op':<26}{'shape':<16}{'dtype':<9}{'impl':<18}{'time us':>13}{'spread us':>21}"
         f"{'kernel us':>10}{'GB/s':>8}{'%copy':>7}{'xeager':>8}{'xcompile':>9}")
 
 
@@ -380,8 +380,8 @@ def print_table(rows, header=True):
         print("-" * len(_HDR), flush=True)
     for r in rows:
         spread = f"{r['lo_us']:.1f}-{r['hi_us']:.1f}"
-        print(f"{r['op']:<26}{r['shape']:<16}{r['dtype']:<9}{r['impl']:<18}{r['us']:>11.1f}"
-              f"{spread:>19}{r['kernel_us']:>10.1f}{r['GBps']:>8.1f}{r['pct_roofline']:>7.1f}"
+        print(f"{r['op']:<26}{r['shape']:<16}{r['dtype']:<9}{r['impl']:<18}{r['us']:>13.1f}"
+              f"{spread:>21}{r['kernel_us']:>10.1f}{r['GBps']:>8.1f}{r['pct_roofline']:>7.1f}"
               f"{r['vs_eager']:>8.2f}{r['vs_compile']:>9.2f}  {r.get('note', '')}", flush=True)
 
 
