@@ -201,6 +201,16 @@ class _CDStepFn(torch.autograd.Function):
 _INF = float("inf")
 
 
+def raw_apply(fn_cls):
+    """The C++ ``apply`` of an autograd.Function, skipping Function.apply's Python wrapper
+    (functorch bookkeeping: ~30 us per call on the dev VM). Only valid where _eager_ok holds
+    (no functorch transform active), which is where the fast paths call it."""
+    return super(torch.autograd.Function, fn_cls).apply
+
+
+_CDSTEP_APPLY = raw_apply(_CDStepFn)
+
+
 def _cd_step_eager(x, f, dt, sigma, act, seed, backend):
     # The common argument kinds are checked inline (attribute reads cost ~0.3 us each here);
     # anything unusual goes through the full checks, which raise the documented errors.
@@ -233,7 +243,7 @@ def _cd_step_eager(x, f, dt, sigma, act, seed, backend):
     if not grad:
         return _run_fwd(x, f, dt, sigma_value, sigma_t, seed_t, 0, act, be)
     # non-tensor arguments packed in one tuple: apply() walks its arguments (~1 us each)
-    return _CDStepFn.apply(x, f, sigma_t, (dt, sigma_value, seed_t, seed_int, act, be))
+    return _CDSTEP_APPLY(x, f, sigma_t, (dt, sigma_value, seed_t, seed_int, act, be))
 
 
 def cd_step(x: Tensor, f: Tensor, dt: float, sigma: Union[float, Tensor], *,

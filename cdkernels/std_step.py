@@ -24,7 +24,7 @@ import torch
 
 from . import _common as C
 from .backends import get_backend
-from .cd_step import _PLAIN, _eager_ok, _run_bwd, _run_fwd
+from .cd_step import _PLAIN, _eager_ok, _run_bwd, _run_fwd, raw_apply
 
 Tensor = torch.Tensor
 
@@ -163,6 +163,9 @@ class _StdStepFn(torch.autograd.Function):
                 _coef_grad(gc, coef) if need_coef else None, None)
 
 
+_STD_APPLY = raw_apply(_StdStepFn)
+
+
 def cd_std_step(x: Tensor, f: Tensor, dt: float, coef: Union[float, Tensor], *,
                 seed: Union[None, int, Tensor] = None, backend: Optional[str] = None) -> Tensor:
     """``x + dt*f + coef * std(x + dt*f) * eps``, eps ~ N(0, I) from cd_step's stream.
@@ -195,6 +198,6 @@ def cd_std_step(x: Tensor, f: Tensor, dt: float, coef: Union[float, Tensor], *,
         be = get_backend(x.device, x.dtype, backend)
         if torch.is_grad_enabled() and (x.requires_grad or f.requires_grad
                                         or coef_t.requires_grad):
-            return _StdStepFn.apply(x, f, coef_t, (dt, seed_t, be))
+            return _STD_APPLY(x, f, coef_t, (dt, seed_t, be))
         return _std_fwd(x, f, dt, coef_t, seed_t, be)[0]
     return cd_std_step_op(x, f, dt, coef_t, seed_t, backend or "")[0]
