@@ -15,5 +15,12 @@ from . import nn  # noqa: F401  (cdkernels.nn.CDStep, cdkernels.nn.MonteCarlo)
 
 __version__ = "0.1.0"
 
+
+def empty_cache() -> None:
+    """Release the memory the CPU backend keeps for reuse as big outputs (see
+    ``cdkernels._common.output_cache``)."""
+    from ._common import output_cache
+    output_cache.clear()
+
 __all__ = ["cd_step", "cd_std_step", "cd_smooth", "ensemble_mean", "normal", "uniform", "philox_words",
-           "backends", "use_backend", "get_backend", "nn", "__version__"]
+           "backends", "use_backend", "get_backend", "nn", "empty_cache", "__version__"]

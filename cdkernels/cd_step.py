@@ -21,7 +21,7 @@ ACTIVATIONS = ("none", "relu")
 
 def _run_fwd(x, f, dt, sigma_value, sigma, seed, offset, activation, be):
     """Allocate y like x and run the forward kernel of backend instance ``be``."""
-    y = torch.empty_like(x)
+    y = C.empty_output(x)
     if x.numel() == 0:
         return y
     if x.is_contiguous() and f.is_contiguous() and y.is_contiguous():
@@ -51,8 +51,8 @@ def _run_bwd(grad_y, y, dt, sigma_value, sigma, seed, offset, activation, be, ne
         ref = g if y is None else y
         g = C.like(g, ref)
     ch, cs = C.channel_map(ref, sigma)
-    grad_x = torch.empty_like(ref) if need_inputs else grad_y.new_empty(0)
-    grad_f = torch.empty_like(ref) if need_inputs else grad_y.new_empty(0)
+    grad_x = C.empty_output(ref) if need_inputs else grad_y.new_empty(0)
+    grad_f = C.empty_output(ref) if need_inputs else grad_y.new_empty(0)
     gdt = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
     if grad_y.numel() == 0:
         return grad_x, grad_f, grad_y.new_zeros(ch if need_sigma else 0, dtype=gdt)

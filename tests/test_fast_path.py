@@ -1,6 +1,7 @@
 """The eager fast path of cd_step (autograd.Function / direct backend call) against the
 torch.library custom op that torch.compile and export see; the seed scheme; the CPU pool under
 concurrent callers."""
+import math
 import sys
 import threading
 
@@ -242,3 +243,40 @@ def test_jit_trace_uses_the_custom_op():
     traced = torch.jit.trace(lambda a, b: cdkernels.cd_step(a, b, 0.1, 0.5, seed=3), (x, f))
     assert "cdkernels::cd_step" in str(traced.graph)
     torch.testing.assert_close(traced(x, f), cdkernels.cd_step(x, f, 0.1, 0.5, seed=3))
+
+
+# -- big CPU outputs reuse faulted-in memory ------------------------------------------------
+
+def test_output_cache_reuses_only_dropped_outputs():
+    from cdkernels._common import output_cache
+    if not output_cache.enabled or not cdkernels.backends()["cpu"]["available"]:
+        pytest.skip("output cache off")
+    cdkernels.empty_cache()
+    x, f = _data((3, 1 << 20))  # 12 MiB
+    ref = x + 0.1 * f + 0.5 * math.sqrt(0.1) * cdkernels.normal(x.shape, 7)
+    y1 = cdkernels.cd_step(x, f, 0.1, 0.5, seed=7, backend="cpu")
+    y2 = cdkernels.cd_step(x, f, 0.1, 0.5, seed=8, backend="cpu")
+    assert y1.data_ptr() != y2.data_ptr()  # y1 is alive: never handed out twice
+    p1 = y1.data_ptr()
+    del y1
+    y3 = cdkernels.cd_step(x, f, 0.1, 0.5, seed=7, backend="cpu")
+    assert y3.data_ptr() == p1  # dropped: reused, and fully rewritten
+    torch.testing.assert_close(y3, ref, **TOL[torch.float32])
+    # a view of an output keeps it alive
+    v = y3[0]
+    del y3
+    y4 = cdkernels.cd_step(x, f, 0.1, 0.5, seed=9, backend="cpu")
+    assert y4.data_ptr() != v.data_ptr() or v.numel() == 0
+    torch.testing.assert_close(v, ref[0], **TOL[torch.float32])
+    # outputs saved for backward (relu) are in use until backward
+    xr = x.clone().requires_grad_()
+    y5 = cdkernels.cd_step(xr, f, 0.1, 0.5, activation="relu", seed=1, backend="cpu")
+    loss = y5.sum()
+    del y5
+    y6 = cdkernels.cd_step(x, f, 0.1, 0.5, seed=2, backend="cpu")
+    y6.add_(1.0)  # scribbling on a new output must not touch the saved one
+    loss.backward()
+    torch.testing.assert_close(xr.grad, (torch.relu(x + 0.1 * f + 0.5 * math.sqrt(0.1)
+                                                   * cdkernels.normal(x.shape, 1)) > 0).float())
+    cdkernels.empty_cache()
+    assert output_cache.bufs == []
