@@ -54,10 +54,16 @@ class TorchEMStep(nn.Module):
         return x + self.dt * f + self.scale * torch.randn_like(x)
 
 
+# --noise-cost variants: (noise mode, learnable_sigma)
+NOISE_VARIANTS = {"off": ("none", False), "em": ("em", False), "std": ("std", False),
+                  "em-learn-channel": ("em", "channel"), "std-learn-channel": ("std", "channel")}
+
+
 def build(model: str, variant: str, args, device):
-    noise = "none" if variant.startswith("off") else "em"
+    noise, learn = NOISE_VARIANTS.get(variant, ("none" if variant.startswith("off") else "em",
+                                                False))
     kw = dict(num_classes=10, in_channels=args.channels, noise=noise, sigma=args.sigma,
-              dt=args.dt)
+              dt=args.dt, learnable_sigma=learn)
     if "wrn" not in model and "wide" not in model:
         kw["width"] = args.width
     m = models.create(model, **kw)
@@ -121,6 +127,59 @@ def time_variant(model_name, variant, batch, dtype, args, device):
             "backend": _backend_name(device)}
 
 
+def noise_cost(args, device):
+    """Step time of each noise mode against noise off, measured interleaved (every repeat times
+    all variants back to back, so load changes hit them alike). Target (issue 9): <= 5 %."""
+    variants = args.noise_variants.split(",")
+    rows = []
+    for size in map(int, args.noise_sizes.split(",")):
+        a = argparse.Namespace(**vars(args))
+        a.size = size
+        for model in args.models.split(","):
+            batch, dtype = int(args.batch.split(",")[0]), args.dtype.split(",")[0]
+            steps = {}
+            for v in variants:
+                torch.manual_seed(0)
+                m = build(model, v, a, device)
+                x = torch.randn(batch, a.channels, size, size, device=device)
+                y = torch.randint(0, 10, (batch,), device=device)
+                opt = T.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+                crit = nn.CrossEntropyLoss()
+                amp = None if dtype == "fp32" else dtype
+
+                def step(m=m, x=x, y=y, opt=opt, crit=crit, amp=amp):
+                    opt.zero_grad(set_to_none=True)
+                    with T._autocast(device, amp, cache=True):
+                        loss = crit(m(x).float(), y)
+                    loss.backward()
+                    opt.step()
+                for _ in range(args.warmup):
+                    step()
+                steps[v] = step
+            times = {v: [] for v in variants}
+            sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else \
+                (lambda: None)
+            for _ in range(args.repeats):
+                for v in variants:
+                    t = time.perf_counter()
+                    for _ in range(args.iters):
+                        steps[v]()
+                    sync()
+                    times[v].append((time.perf_counter() - t) / args.iters)
+            off = statistics.median(times["off"]) if "off" in times else None
+            for v in variants:
+                med = statistics.median(times[v])
+                # per-repeat ratios give the spread of the cost, not just of the times
+                ratios = [t / o for t, o in zip(times[v], times["off"])] if off else []
+                rows.append({"mode": "noise-cost", "model": model, "size": size,
+                             "batch": batch, "dtype": dtype, "variant": v,
+                             "step_ms": med * 1e3,
+                             "cost_pct": 100 * (med / off - 1) if off else float("nan"),
+                             "cost_pct_lo": 100 * (min(ratios) - 1) if ratios else float("nan"),
+                             "cost_pct_hi": 100 * (max(ratios) - 1) if ratios else float("nan")})
+    return rows
+
+
 def _backend_name(device):
     try:
         from cdkernels.backends import get_backend
@@ -179,8 +238,28 @@ def main(argv=None):
     p.add_argument("--data", default="digits")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None, help="write results (.json or .csv)")
+    p.add_argument("--noise-cost", action="store_true",
+                   help="only the cost of each noise mode vs noise off (issue 9: <= 5 %%)")
+    p.add_argument("--noise-variants", default="off,em,std,em-learn-channel,std-learn-channel")
+    p.add_argument("--noise-sizes", default="8,28", help="image sides for --noise-cost")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    if args.noise_cost:
+        print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+              f"load {os.getloadavg()[0]:.2f}; noise cost vs off (median of {args.repeats} "
+              f"interleaved repeats x {args.iters} steps)", flush=True)
+        rows = noise_cost(args, device)
+        for r in rows:
+            status = "" if r["variant"] == "off" else (
+                "met" if r["cost_pct"] <= 5.0 else "NOT met")
+            print(f"{r['model']:22} {r['size']:>3}x{r['size']:<3} b{r['batch']} {r['dtype']:>5} "
+                  f"{r['variant']:18} {r['step_ms']:8.2f} ms  cost {r['cost_pct']:+6.1f} % "
+                  f"(per repeat {r['cost_pct_lo']:+.1f}..{r['cost_pct_hi']:+.1f})  {status}",
+                  flush=True)
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(rows, fh, indent=1)
+        return 0
     variants = (args.variants.split(",") if args.variants else
                 ["torch-eager", "cdk-eager", "cdk-compile", "off-eager", "off-compile"]
                 + (["cdk-cudagraph", "off-cudagraph"] if device.type == "cuda" else []))

@@ -8,11 +8,19 @@ from . import backends  # the package is callable: cdkernels.backends() lists th
 from .backends import get_backend, use_backend
 from .cd_smooth import cd_smooth
 from .cd_step import cd_step
+from .std_step import cd_std_step
 from .ensemble_mean import ensemble_mean
 from .noise import normal, philox_words, uniform
 from . import nn  # noqa: F401  (cdkernels.nn.CDStep, cdkernels.nn.MonteCarlo)
 
 __version__ = "0.1.0"
 
-__all__ = ["cd_step", "cd_smooth", "ensemble_mean", "normal", "uniform", "philox_words",
-           "backends", "use_backend", "get_backend", "nn", "__version__"]
+
+def empty_cache() -> None:
+    """Release the memory the CPU backend keeps for reuse as big outputs (see
+    ``cdkernels._common.output_cache``)."""
+    from ._common import output_cache
+    output_cache.clear()
+
+__all__ = ["cd_step", "cd_std_step", "cd_smooth", "ensemble_mean", "normal", "uniform", "philox_words",
+           "backends", "use_backend", "get_backend", "nn", "empty_cache", "__version__"]

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import math
+import os
+import threading
 from typing import Optional, Tuple, Union
 
 import torch
@@ -116,39 +118,87 @@ def channel_map(x: Tensor, sigma: Optional[Tensor]) -> Tuple[int, int]:
 
 def sigma_for_kernel(sigma: Optional[Tensor], dtype: torch.dtype) -> Optional[Tensor]:
     """sigma as the flat contiguous float32 tensor kernels read (float64 for float64 data,
-    which only the reference backend handles)."""
+    which only the reference backend handles). Converted only when it needs converting: a
+    float32 contiguous sigma is passed as a (detached) view, no copy and no kernel."""
     if sigma is None:
         return None
     kd = torch.float64 if dtype == torch.float64 else torch.float32
+    if sigma.dtype == kd and sigma.is_contiguous():
+        s = sigma.detach() if sigma.requires_grad else sigma
+        return s if s.dim() == 1 else s.view(-1)
     return sigma.detach().reshape(-1).to(kd).contiguous()
 
 
 # -- seeds ---------------------------------------------------------------------------------------
 
+try:
+    import torch.distributed as _dist
+    _DIST_OK = _dist.is_available()
+except Exception:  # pragma: no cover - builds without distributed support
+    _dist, _DIST_OK = None, False
+
+
 def _rank() -> int:
-    try:
-        import torch.distributed as dist
-        if dist.is_available() and dist.is_initialized():
-            return dist.get_rank()
-    except Exception:
-        pass
+    if _DIST_OK:
+        try:
+            if _dist.is_initialized():
+                return _dist.get_rank()
+        except Exception:
+            pass
     return 0
+
+
+def draw_seed_(buf: Tensor) -> Tensor:
+    """Fill the int64 [1] tensor ``buf`` with a fresh seed from the torch generator of its device
+    (docs/noise.md section 5): ``random_()`` gives 63 random bits, XOR-ed with the rank mix so
+    DDP ranks get different noise. On CUDA this is one graph-safe kernel, so a replayed graph
+    draws new seeds."""
+    buf.random_()
+    r = _rank()
+    if r:
+        buf.bitwise_xor_(_to_signed64(_RANK_MIX * r % _U64))
+    return buf
+
+
+_seed_local = threading.local()
+
+
+def cpu_seed_buffer(seed: Union[None, int]) -> Tensor:
+    """A per-thread reusable int64 [1] CPU tensor holding the seed of one CPU call: the same value
+    ``make_seed(seed, cpu)`` gives (a fresh draw for None, the key for an int), without
+    allocating a tensor (allocation is most of make_seed's host time). CPU kernels read the seed
+    from memory when they are called, so the buffer may be refilled by the next call; callers
+    that need the seed later (backward) keep ``int(buf)`` instead."""
+    buf = getattr(_seed_local, "buf", None)
+    if buf is None:
+        buf = _seed_local.buf = torch.empty((1,), dtype=torch.int64)
+    if seed is None:
+        return draw_seed_(buf)
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise TypeError(f"seed must be None, an int or an int64 tensor, got {type(seed).__name__}")
+    if not 0 <= seed < _U64:
+        raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+    buf.fill_(_to_signed64(seed))
+    return buf
 
 
 def make_seed(seed: Union[None, int, Tensor], device: torch.device) -> Tensor:
     """The int64 [1] seed tensor on ``device`` that kernels read.
 
-    None: drawn from the torch generator of ``device`` (so ``torch.manual_seed`` reproduces a
-    run, successive calls differ, and a CUDA graph replays with fresh seeds), mixed with the
-    process-group rank so DDP ranks get different noise. int in [0, 2^64): that exact key.
-    Tensor: an int64 tensor with one element on ``device``, used as given.
+    None: drawn from the torch generator of ``device`` (see :func:`draw_seed_`; so
+    ``torch.manual_seed`` reproduces a run, successive calls differ, and a CUDA graph replays
+    with fresh seeds), mixed with the process-group rank so DDP ranks get different noise.
+    int in [0, 2^64): that exact key. Tensor: an int64 tensor with one element on ``device``,
+    used as given.
     """
     if seed is None:
-        s = torch.randint(-(1 << 63), (1 << 63) - 1, (1,), dtype=torch.int64, device=device)
-        r = _rank()
-        if r:
-            s = torch.bitwise_xor(s, _to_signed64(_RANK_MIX * r % _U64))
-        return s
+        if torch.compiler.is_compiling():
+            # Dynamo cannot trace in-place random_(); a traced randint is graph-safe too (under
+            # compile the draw comes from the compiler's RNG anyway, as for torch.randn)
+            s = torch.randint(-(1 << 63), (1 << 63) - 1, (1,), dtype=torch.int64, device=device)
+            r = _rank()
+            return torch.bitwise_xor(s, _to_signed64(_RANK_MIX * r % _U64)) if r else s
+        return draw_seed_(torch.empty((1,), dtype=torch.int64, device=device))
     if isinstance(seed, torch.Tensor):
         if seed.dtype != torch.int64 or seed.numel() != 1:
             raise ValueError(f"seed tensor must be int64 with one element, got {seed.dtype} "
@@ -173,3 +223,68 @@ def check_offset(offset, name: str = "offset") -> int:
     if not 0 <= offset < (1 << 63):
         raise ValueError(f"{name} must be in [0, 2**63), got {offset}")
     return offset
+
+
+# -- big CPU outputs ------------------------------------------------------------------------------
+
+class _OutputCache:
+    """Reuses the memory of big CPU outputs (>= 8 MiB) once the caller has dropped them.
+
+    A fresh 64 MiB tensor is first touched by our kernel: 16K page faults (or 32 huge-page faults
+    that may stall on compaction), 20-100 ms on the dev VM against a 15 ms kernel, and different
+    in every process. This cache keeps the storages of the last few big outputs; a storage whose
+    only owner is the cache (use count 1) is handed out again as the next output of that size,
+    already faulted in, so repeated calls (inference loops, benchmarks, the next training step)
+    run at kernel speed every time. At most ``max_bufs`` storages and ``max_bytes`` in all; a
+    storage still in use is never evicted and never reused. ``CDK_CPU_OUTPUT_CACHE=0`` turns it
+    off; :func:`cdkernels.empty_cache` releases what it holds.
+    """
+
+    MIN_BYTES = 8 << 20
+
+    def __init__(self, max_bufs: int = 6, max_bytes: int = 1 << 30):
+        self.max_bufs, self.max_bytes = max_bufs, max_bytes
+        self.bufs = []  # UntypedStorage objects, least recently used first
+        self.lock = threading.Lock()
+        self.enabled = (hasattr(torch._C, "_storage_Use_Count")
+                        and os.environ.get("CDK_CPU_OUTPUT_CACHE", "1") != "0")
+
+    @staticmethod
+    def _free(st) -> bool:
+        return torch._C._storage_Use_Count(st._cdata) == 1
+
+    def empty_like(self, x: Tensor) -> Tensor:
+        """``torch.empty_like(x)`` for a contiguous CPU x."""
+        nbytes = x.numel() * x.element_size()
+        if not self.enabled or nbytes < self.MIN_BYTES:
+            return torch.empty_like(x)
+        with self.lock:
+            for i, st in enumerate(self.bufs):
+                if st.nbytes() == nbytes and self._free(st):
+                    self.bufs.append(self.bufs.pop(i))
+                    return torch.empty(0, dtype=x.dtype).set_(st, 0, x.shape, x.stride())
+            out = torch.empty_like(x)
+            self.bufs.append(out.untyped_storage())
+            while (len(self.bufs) > self.max_bufs
+                   or sum(b.nbytes() for b in self.bufs) > self.max_bytes):
+                victim = next((j for j, b in enumerate(self.bufs[:-1]) if self._free(b)), None)
+                if victim is None:
+                    self.bufs.pop()  # everything else is in use: do not keep the new one
+                    break
+                self.bufs.pop(victim)
+            return out
+
+    def clear(self) -> None:
+        with self.lock:
+            self.bufs.clear()
+
+
+output_cache = _OutputCache()
+
+
+def empty_output(x: Tensor) -> Tensor:
+    """A new output laid out like ``torch.empty_like(x)``; big contiguous CPU outputs come from
+    :data:`output_cache` (already faulted-in memory)."""
+    if x.is_cpu and x.is_contiguous() and output_cache.enabled:
+        return output_cache.empty_like(x)
+    return torch.empty_like(x)

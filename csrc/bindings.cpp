@@ -200,7 +200,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("cd_step_bwd", [](uintptr_t grad_y, uintptr_t y, uintptr_t grad_x, uintptr_t grad_f,
                           uintptr_t grad_sigma, int64_t n, int dtype, double dt, uintptr_t sigma,
                           double sigma_value, int64_t C, int64_t chan_stride, uintptr_t seed,
-                          uint64_t offset, const std::string& act, int nthreads) {
+                          uint64_t offset, const std::string& act, int nthreads,
+                          double gs_scale) {
         PointArgs a;
         a.dtype = check_dtype(dtype);
         a.act = parse_act(act);
@@ -217,11 +218,14 @@ PYBIND11_MODULE(_C, m) {
         a.seed = read_seed(seed);
         a.offset = offset;
         py::gil_scoped_release nogil;
-        cd_step_bwd(a, n, grad_sigma ? ptr<float>(grad_sigma) : nullptr, nthreads);
+        cd_step_bwd(a, n, grad_sigma ? ptr<float>(grad_sigma) : nullptr, nthreads,
+                    (float)gs_scale);
       }, py::arg("grad_y"), py::arg("y"), py::arg("grad_x"), py::arg("grad_f"),
       py::arg("grad_sigma"), py::arg("n"), py::arg("dtype"), py::arg("dt"), py::arg("sigma"),
       py::arg("sigma_value"), py::arg("C"), py::arg("chan_stride"), py::arg("seed"),
-      py::arg("offset"), py::arg("act"), py::arg("nthreads"));
+      py::arg("offset"), py::arg("act"), py::arg("nthreads"), py::arg("gs_scale") = 0.0,
+      "gs_scale == 0: grad_sigma[c] += sum (caller zero-fills); else grad_sigma[c] = "
+      "float(sum) * float(gs_scale) (overwrites: no zero-fill, no separate scale op).");
 
   // -- cd_smooth ------------------------------------------------------------------------------
   m.def("cd_smooth_fwd", [](uintptr_t x, uintptr_t y, int64_t n, int dtype, uintptr_t sigma,
@@ -263,6 +267,36 @@ PYBIND11_MODULE(_C, m) {
       py::arg("dtype"), py::arg("sigma"), py::arg("sigma_value"), py::arg("C"),
       py::arg("chan_stride"), py::arg("samples"), py::arg("seed"), py::arg("offset"),
       py::arg("act"), py::arg("nthreads"));
+
+  // -- std-scaled step ------------------------------------------------------------------------
+  m.def("z_stats", [](uintptr_t x, uintptr_t f, int64_t n, int dtype, double dt, uintptr_t out,
+                      int nthreads) {
+        PointArgs a;
+        a.dtype = check_dtype(dtype);
+        a.x = ptr<const void>(x); a.f = ptr<const void>(f);
+        a.dt = (float)dt;
+        py::gil_scoped_release nogil;
+        z_stats(a, n, ptr<double>(out), nthreads);
+      }, py::arg("x"), py::arg("f"), py::arg("n"), py::arg("dtype"), py::arg("dt"),
+      py::arg("out"), py::arg("nthreads"),
+      "out float64 [2] = (mean, unbiased std) of z = x + dt*f (float32 z, double sums).");
+  m.def("z_std_bwd", [](uintptr_t x, uintptr_t f, uintptr_t grad_y, uintptr_t grad_x,
+                        uintptr_t grad_f, int64_t n, int dtype, double dt, double mean, double za,
+                        double zb, int nthreads) {
+        PointArgs a;
+        a.dtype = check_dtype(dtype);
+        a.x = ptr<const void>(x); a.f = ptr<const void>(f);
+        a.gy = grad_y ? ptr<const void>(grad_y) : nullptr;
+        a.gx = ptr<void>(grad_x); a.gf = grad_f ? ptr<void>(grad_f) : nullptr;
+        a.dt = (float)dt;
+        a.zmean = (float)mean; a.za = (float)za; a.zb = (float)zb;
+        py::gil_scoped_release nogil;
+        z_std_bwd(a, n, nthreads);
+      }, py::arg("x"), py::arg("f"), py::arg("grad_y"), py::arg("grad_x"), py::arg("grad_f"),
+      py::arg("n"), py::arg("dtype"), py::arg("dt"), py::arg("mean"), py::arg("za"),
+      py::arg("zb"), py::arg("nthreads"),
+      "grad_x = grad_y + za*(z - mean) + zb, grad_f = dt*grad_x, z = x + dt*f (grad_y, grad_f "
+      "optional).");
 
   // -- ensemble_mean --------------------------------------------------------------------------
   m.def("ensemble_mean_fwd", [](uintptr_t inp, uintptr_t out, int64_t K, int64_t B, int64_t C,

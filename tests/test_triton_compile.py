@@ -26,7 +26,8 @@ REQUIRED = "triton" in {b.strip() for b in os.environ.get("CDK_REQUIRE_BACKENDS"
 ARCHS = (90, 80)
 KERNELS = ("_words_kernel", "_uniform_kernel", "_normal_kernel", "_cd_step_fwd_kernel",
            "_cd_step_bwd_kernel", "_cd_smooth_fwd_kernel", "_cd_smooth_bwd_kernel",
-           "_ensemble_fwd_kernel", "_ensemble_bwd_kernel")
+           "_ensemble_fwd_kernel", "_ensemble_bwd_kernel", "_z_moments_kernel",
+           "_z_std_bwd_kernel")
 ELEMENTWISE = KERNELS[:7]
 # ptxas (13.4, as bundled with triton 3.9) saves one predicate register to local memory once
 # before / after the K loop of a few cd_smooth specialisations (softplus fwd with per-channel

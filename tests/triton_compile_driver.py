@@ -170,6 +170,24 @@ def _scenarios(torch, backend):
             yield f"{dname[dt]} space={space} C={C} K={K} B={B}"
             backend.ensemble_mean_bwd(out, inp, out, inp, space)
 
+    # -- std-scaled step (cdkernels/std_step.py): z_stats and z_std_bwd, dtypes x n kinds,
+    #    with and without grad_y
+    st = torch.empty(2, dtype=torch.float64)
+    coefs = torch.zeros(3, dtype=torch.float64)
+    for dt in dtypes:
+        for nm, n in (("aligned", N_AL), ("generic", N_GEN)):
+            x = t(n, dt)
+            yield f"{dname[dt]} z_stats n={nm}"
+            backend.z_stats(x, x, 0.01, st)
+            for has_gy in (True, False):
+                yield f"{dname[dt]} z_std_bwd grad_y={has_gy} n={nm}"
+                backend.z_std_bwd(x, x, x if has_gy else None, 0.01, coefs, x, x)
+    x = t(N_BIG, torch.float32)
+    yield "fp32 z_stats n=big"
+    backend.z_stats(x, x, 0.01, st)
+    yield "fp32 z_std_bwd grad_y=True n=big"
+    backend.z_std_bwd(x, x, x, 0.01, coefs, x, x)
+
 
 def record_launches():
     """[(kernel name, label, args, kwargs)] of every launch the scenarios make."""

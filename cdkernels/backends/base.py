@@ -25,6 +25,7 @@ float32; stores round to nearest even.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple
 
 import torch
@@ -34,6 +35,9 @@ Tensor = torch.Tensor
 
 class Backend:
     name: str = "?"
+    # True if the methods only use data_ptr()/numel() of their data tensors, so the ops may pass
+    # contiguous N-d tensors instead of 1-D views (saves host time on tiny calls).
+    accepts_contiguous_nd: bool = False
 
     # -- availability -------------------------------------------------------------------------
     def availability(self) -> Tuple[bool, str]:
@@ -71,6 +75,49 @@ class Backend:
         grad_x = gz (if not None); grad_f = dt * gz (if not None);
         grad_sigma[c] += sum over elements of channel c of gz * eps[p]  (no sqrt(dt) factor)."""
         raise NotImplementedError
+
+    def cd_step_bwd_sigma(self, grad_y: Tensor, y: Optional[Tensor], grad_x: Optional[Tensor],
+                          grad_f: Optional[Tensor], n_sigma: int, gs_dtype: torch.dtype,
+                          dt: float, sigma: Optional[Tensor], sigma_value: float, C: int,
+                          chan_stride: int, seed: Tensor, offset: int, act: str) -> Tensor:
+        """:meth:`cd_step_bwd` that also returns the finished sigma gradient, a new
+        ``gs_dtype`` tensor of shape [n_sigma] = float32(sum) * float32(sqrt(dt)) (n_sigma = C).
+        This default zero-fills, calls :meth:`cd_step_bwd` and scales; a backend may fold the
+        zero-fill and the scale into its kernel (the CPU backend does) but must round the same
+        way: the float32 sum, then one float32 multiply."""
+        gs = torch.zeros(n_sigma, dtype=gs_dtype, device=grad_y.device)
+        self.cd_step_bwd(grad_y, y, grad_x, grad_f, gs, dt, sigma, sigma_value, C, chan_stride,
+                         seed, offset, act)
+        return gs.mul_(math.sqrt(dt))
+
+    # -- std-scaled step (EnResNet noise): z = x + dt*f -----------------------------------------
+    def z_stats(self, x: Tensor, f: Tensor, dt: float, out: Tensor) -> None:
+        """out: float64 [2] on the data's device = (mean(z), std(z)), std unbiased (nan for one
+        element), z = x + dt*f evaluated in float32 (float64 for float64 data). One read of x
+        and f. This default is PyTorch code that runs anywhere; native backends override it."""
+        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        z = x.to(cdt) + dt * f.to(cdt)
+        # sums in float64 around z[0]: no cancellation when |mean| >> std
+        d = (z - z[:1]).to(torch.float64)
+        n = d.numel()
+        s1, s2 = d.sum(), (d * d).sum()
+        out[0] = z[0].to(torch.float64) + s1 / n
+        out[1] = ((s2 - s1 * s1 / n).clamp_min(0) / (n - 1)).sqrt() if n > 1 else float("nan")
+
+    def z_std_bwd(self, x: Tensor, f: Tensor, grad_y: Optional[Tensor], dt: float,
+                  coefs: Tensor, grad_x: Tensor, grad_f: Optional[Tensor]) -> None:
+        """coefs: float64 [3] on the device = (mean, a, b). grad_x = grad_y + a*(z - mean) + b
+        (grad_y None: 0), grad_f = dt*grad_x (if not None); arithmetic in float32 (float64 for
+        float64 data), coefficients rounded to it first."""
+        cdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+        c = coefs.to(cdt)
+        z = x.to(cdt) + dt * f.to(cdt)
+        g = c[1] * (z - c[0]) + c[2]
+        if grad_y is not None:
+            g = grad_y.to(cdt) + g
+        grad_x.copy_(g)
+        if grad_f is not None:
+            grad_f.copy_(dt * g)
 
     # -- cd_smooth: y = (1/K) sum_k act(x + s*eps_k[p]), eps_k = stream (seed, offset, k) ---------
     def cd_smooth_fwd(self, x: Tensor, y: Tensor, sigma: Optional[Tensor], sigma_value: float,

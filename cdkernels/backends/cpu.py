@@ -7,6 +7,7 @@ says why.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -59,6 +60,7 @@ def _nthreads() -> int:
 
 class CpuBackend(Backend):
     name = "cpu"
+    accepts_contiguous_nd = True  # every method reads data_ptr()/numel() only
 
     def availability(self):
         if _C is None:
@@ -85,9 +87,17 @@ class CpuBackend(Backend):
 
     # -- cd_step ----------------------------------------------------------------------------
     def cd_step_fwd(self, x, f, y, dt, sigma, sigma_value, C, chan_stride, seed, offset, act):
-        _C.cd_step_fwd(x.data_ptr(), f.data_ptr(), _out(y), x.numel(), _code(x),
-                       float(dt), _ptr(sigma), float(sigma_value), int(C), int(chan_stride),
-                       _seed_ptr(seed), int(offset), act, _nthreads())
+        n = x.numel()
+        # (inline for the per-call host time of tiny tensors: _out/_seed_ptr/_code add ~2 us)
+        if seed.dtype != torch.int64 or seed.is_cuda:
+            _seed_ptr(seed)  # raises
+        code = _DTYPE_CODES.get(x.dtype)
+        if code is None:
+            _code(x)  # raises
+        _C.cd_step_fwd(x.data_ptr(), f.data_ptr(), _out(y) if n >= (1 << 20) else y.data_ptr(),
+                       n, code, float(dt), 0 if sigma is None else sigma.data_ptr(),
+                       float(sigma_value), int(C), int(chan_stride), seed.data_ptr(),
+                       int(offset), act, torch.get_num_threads())
 
     def cd_step_bwd(self, grad_y, y, grad_x, grad_f, grad_sigma, dt, sigma, sigma_value, C,
                     chan_stride, seed, offset, act):
@@ -95,6 +105,31 @@ class CpuBackend(Backend):
                        _ptr(grad_sigma), grad_y.numel(), _code(grad_y), float(dt), _ptr(sigma),
                        float(sigma_value), int(C), int(chan_stride), _seed_ptr(seed),
                        int(offset), act, _nthreads())
+
+    def cd_step_bwd_sigma(self, grad_y, y, grad_x, grad_f, n_sigma, gs_dtype, dt, sigma,
+                          sigma_value, C, chan_stride, seed, offset, act):
+        if gs_dtype != torch.float32 or not math.sqrt(dt) > 1e-30:
+            # (a zero scale would mean "add into" to the kernel: keep the generic path)
+            return super().cd_step_bwd_sigma(grad_y, y, grad_x, grad_f, n_sigma, gs_dtype, dt,
+                                             sigma, sigma_value, C, chan_stride, seed, offset,
+                                             act)
+        # the kernel writes float32(sum) * float32(sqrt(dt)) itself: no zero fill, no scale op
+        gs = torch.empty(n_sigma, dtype=torch.float32)
+        _C.cd_step_bwd(grad_y.data_ptr(), _ptr(y), _out(grad_x), _out(grad_f), gs.data_ptr(),
+                       grad_y.numel(), _code(grad_y), float(dt), _ptr(sigma), float(sigma_value),
+                       int(C), int(chan_stride), _seed_ptr(seed), int(offset), act, _nthreads(),
+                       gs_scale=math.sqrt(dt))
+        return gs
+
+    # -- std-scaled step ---------------------------------------------------------------------
+    def z_stats(self, x, f, dt, out):
+        _C.z_stats(x.data_ptr(), f.data_ptr(), x.numel(), _code(x), float(dt), out.data_ptr(),
+                   _nthreads())
+
+    def z_std_bwd(self, x, f, grad_y, dt, coefs, grad_x, grad_f):
+        mean, a, b = coefs.tolist()  # CPU tensor: no device sync involved
+        _C.z_std_bwd(x.data_ptr(), f.data_ptr(), _ptr(grad_y), _out(grad_x), _out(grad_f),
+                     x.numel(), _code(x), float(dt), mean, a, b, _nthreads())
 
     # -- cd_smooth --------------------------------------------------------------------------
     def cd_smooth_fwd(self, x, y, sigma, sigma_value, C, chan_stride, samples, seed, offset,

@@ -244,3 +244,23 @@ class CudaBackend(Backend):
                                        grad_out.data_ptr(), inp.data_ptr(), _ptr(out),
                                        grad_in.data_ptr(), K, B, C,
                                        _code(_SPACE_CODE, space, "space"))
+
+
+# -- std-scaled step (csrc/cuda/std_step.cu), attached as a unit ------------------------------
+def _cuda_z_stats(self, x, f, dt, out):
+    dev, st = _dev_stream(x)
+    ws = torch.empty(self._C.cuda_z_stats_workspace_doubles(), dtype=torch.float64,
+                     device=x.device)
+    self._C.cuda_z_stats(dev, st, _code(_DTYPE_CODE, x.dtype, "dtype"), x.numel(),
+                         x.data_ptr(), f.data_ptr(), float(dt), ws.data_ptr(), out.data_ptr())
+
+
+def _cuda_z_std_bwd(self, x, f, grad_y, dt, coefs, grad_x, grad_f):
+    dev, st = _dev_stream(x)
+    self._C.cuda_z_std_bwd(dev, st, _code(_DTYPE_CODE, x.dtype, "dtype"), x.numel(),
+                           x.data_ptr(), f.data_ptr(), _ptr(grad_y), grad_x.data_ptr(),
+                           _ptr(grad_f), float(dt), coefs.contiguous().data_ptr())
+
+
+CudaBackend.z_stats = _cuda_z_stats
+CudaBackend.z_std_bwd = _cuda_z_std_bwd

@@ -541,3 +541,74 @@ class TritonBackend(Backend):
                                    SPACE=_SPACE_CODES[space],
                                    RECOMPUTE_OUT=out.dtype != torch.float32,
                                    BLOCK_C=block_c, num_warps=nw, enable_fp_fusion=FP_FUSION)
+
+
+# -------------------------------------------------------------------------------------------------
+# std-scaled step (cdkernels/std_step.py): moments of z = x + dt*f and the gradient through std.
+# Appended as a unit (kernels + methods attached to TritonBackend) so it stays independent of
+# the cd_step / cd_smooth / ensemble kernels above.
+# -------------------------------------------------------------------------------------------------
+Z_BLOCK = 1024  # elements per program
+
+if HAVE_TRITON:
+    @triton.jit
+    def _z_moments_kernel(x_ptr, f_ptr, part_ptr, n, dt, BLOCK: tl.constexpr):
+        """part[2*pid], part[2*pid+1] = float32 sums of (z - z[0]) and (z - z[0])^2 over the
+        program's BLOCK elements (the shift keeps the sums well conditioned)."""
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        k = tl.load(x_ptr).to(tl.float32) + dt * tl.load(f_ptr).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        d = tl.where(mask, (x + dt * f) - k, 0.0)
+        tl.store(part_ptr + 2 * pid, tl.sum(d, axis=0))
+        tl.store(part_ptr + 2 * pid + 1, tl.sum(d * d, axis=0))
+
+    @triton.jit
+    def _z_std_bwd_kernel(x_ptr, f_ptr, gy_ptr, gx_ptr, gf_ptr, coef_ptr, n, dt,
+                          HAS_GY: tl.constexpr, HAS_GF: tl.constexpr, BLOCK: tl.constexpr):
+        pid = tl.program_id(0).to(tl.int64)
+        offs = pid * BLOCK + tl.arange(0, BLOCK)
+        mask = offs < n
+        m = tl.load(coef_ptr).to(tl.float32)
+        a = tl.load(coef_ptr + 1).to(tl.float32)
+        b = tl.load(coef_ptr + 2).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+        g = a * ((x + dt * f) - m) + b
+        if HAS_GY:
+            g = tl.load(gy_ptr + offs, mask=mask, other=0.0).to(tl.float32) + g
+        tl.store(gx_ptr + offs, to_store_dtype(g, gx_ptr), mask=mask)
+        if HAS_GF:
+            tl.store(gf_ptr + offs, to_store_dtype(dt * g, gf_ptr), mask=mask)
+
+
+def _triton_z_stats(self, x, f, dt, out):
+    n = x.numel()
+    nprog = triton.cdiv(n, Z_BLOCK)
+    part = torch.empty(2 * nprog, dtype=torch.float32, device=x.device)
+    _z_moments_kernel[(nprog,)](x, f, part, n, float(dt), BLOCK=Z_BLOCK, num_warps=NUM_WARPS,
+                               enable_fp_fusion=FP_FUSION)
+    s = part.view(nprog, 2).to(torch.float64).sum(0)  # float64 across programs, on the device
+    k = (x[:1].to(torch.float32) + float(dt) * f[:1].to(torch.float32)).to(torch.float64)
+    out[0:1] = k + s[0] / n
+    if n > 1:
+        out[1:2] = ((s[1] - s[0] * s[0] / n).clamp_min(0) / (n - 1)).sqrt()
+    else:
+        out[1] = float("nan")
+
+
+def _triton_z_std_bwd(self, x, f, grad_y, dt, coefs, grad_x, grad_f):
+    n = x.numel()
+    if n == 0:
+        return
+    _z_std_bwd_kernel[(triton.cdiv(n, Z_BLOCK),)](
+        x, f, x if grad_y is None else grad_y, grad_x, grad_x if grad_f is None else grad_f,
+        coefs, n, float(dt), HAS_GY=grad_y is not None, HAS_GF=grad_f is not None,
+        BLOCK=Z_BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
+
+
+if HAVE_TRITON:
+    TritonBackend.z_stats = _triton_z_stats
+    TritonBackend.z_std_bwd = _triton_z_std_bwd

@@ -7,8 +7,7 @@ projection (with stride) of the pre-activated input. The noise mode picks ``sigm
 ``"em"``    Euler–Maruyama: ``sigma_eff = sigma`` (cd_step multiplies by ``sqrt(dt)``).
 ``"std"``   EnResNet-style: the noise std is ``coef * std(shortcut + dt*F)`` per block and per
             forward (``coef = sigma``); the std stays in the autograd graph (not detached).
-            cd_step receives ``coef*std/sqrt(dt)`` as a tensor so that its ``sigma*sqrt(dt)``
-            is ``coef*std``.
+            One fused op, :func:`cdkernels.cd_std_step` (moments of z, then the noisy write).
 ``"none"``  plain ResNet (``x + dt*F``, no kernel): the baseline.
 
 Noise is on in train mode and in eval mode only with ``noise_in_eval`` (toggle it on a whole
@@ -24,6 +23,7 @@ import torch
 from torch import nn
 
 from ..cd_step import cd_step
+from ..std_step import cd_std_step
 from ..nn import CDStep
 
 NOISE_MODES = ("em", "std", "none")
@@ -112,11 +112,9 @@ class StdNoiseStep(nn.Module):
         x, f = _common_dtype(x, f)
         if not self.noise_active:
             return x + self.dt * f
-        z = x + self.dt * f
-        # std over the whole block output; float32 for a stable reduction under autocast.
-        sd = z.float().std().reshape(1)
-        sigma_eff = self.coef.float().reshape(-1) * (sd * self._inv_sqrt_dt)
-        return cd_step(x, f, self.dt, sigma_eff, seed=seed)
+        # std over the whole block output, float64 sums of the float32 z, and the noisy write:
+        # two passes in one op (cdkernels.cd_std_step), exact gradient through the std
+        return cd_std_step(x, f, self.dt, self.coef, seed=seed)
 
     def extra_repr(self):
         kind = "learnable" if isinstance(self.coef, nn.Parameter) else "fixed"

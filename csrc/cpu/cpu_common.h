@@ -226,6 +226,9 @@ struct PointArgs {
   int64_t samples = 1;
   uint64_t seed = 0, offset = 0;
   uint32_t sample = 0;
+  // std-scaled step (z = x + dt*f): moments are of z - zshift; backward writes
+  // grad_x = gy + za*(z - zmean) + zb (gy may be null: 0), grad_f = dt*grad_x
+  float zshift = 0.0f, zmean = 0.0f, za = 0.0f, zb = 0.0f;
 };
 
 struct EnsArgs {
@@ -256,6 +259,9 @@ struct KernelTable {
   void (*cd_smooth_bwd)(const PointArgs& a, int64_t begin, int64_t end, double* acc);
   void (*ens_fwd)(const EnsArgs& a, int64_t b0, int64_t b1, float* scratch);
   void (*ens_bwd)(const EnsArgs& a, int64_t b0, int64_t b1, float* scratch);
+  // acc[0] += sum (z - zshift), acc[1] += sum (z - zshift)^2 over [begin, end)
+  void (*z_moments)(const PointArgs& a, int64_t begin, int64_t end, double* acc);
+  void (*z_std_bwd)(const PointArgs& a, int64_t begin, int64_t end);
 };
 
 }  // namespace cdk_cpu

@@ -1,11 +1,11 @@
 // kernels.cpp -- SIMD clones of kernels_impl.h, run-time dispatch and threading.
 #include "cpu/kernels.h"
+#include "cpu/pool.h"
 
 #include <stdlib.h>
 
 #include <atomic>
 #include <cstring>
-#include <thread>
 #include <vector>
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -100,11 +100,18 @@ Level& level() {
 inline const KernelTable& K() { return *level().table.load(std::memory_order_relaxed); }
 
 // ---- threading ------------------------------------------------------------------------------
-// Items [0, n) split in nt contiguous ranges whose inner bounds are multiples of `align`;
-// fn(t, begin, end) runs for each range, range 0 on the calling thread.
+// A parallel job: `tasks` contiguous ranges of [0, n) (inner bounds multiples of `align`) run on
+// `threads` threads of the persistent pool (pool.h). The split depends only on (n, align, tasks)
+// and per-range partial sums are combined in range order, so results are deterministic for a
+// given thread count.
+struct Split {
+  int threads = 1, tasks = 1;
+};
+
 template <class F>
-void parallel_for(int64_t n, int64_t align, int nt, F&& fn) {
+void parallel_for(int64_t n, int64_t align, Split sp, F&& fn) {
   if (n <= 0) return;
+  const int nt = sp.tasks;
   if (nt <= 1) { fn(0, (int64_t)0, n); return; }
   const int64_t units = (n + align - 1) / align;
   auto bound = [&](int t) -> int64_t {
@@ -112,31 +119,25 @@ void parallel_for(int64_t n, int64_t align, int nt, F&& fn) {
     const int64_t b = (int64_t)(((__int128)units * t) / nt) * align;
     return b < n ? b : n;
   };
-  std::vector<std::thread> th;
-  th.reserve(nt - 1);
-  int started = 1;
-  for (int t = 1; t < nt; ++t) {
-    try {
-      th.emplace_back([&fn, t, b0 = bound(t), b1 = bound(t + 1)] { fn(t, b0, b1); });
-      started = t + 1;
-    } catch (...) {
-      break;  // could not start a thread: the caller's thread does the rest
-    }
-  }
-  fn(0, bound(0), bound(1));
-  if (started < nt) fn(started, bound(started), n);
-  for (auto& x : th) x.join();
+  pool_run(nt, sp.threads, [&](int t) { fn(t, bound(t), bound(t + 1)); });
 }
 
-// How many threads are worth it for `work` element-operations. Threads are started per call
-// (no pool), which costs ~50 us on the dev VM: a 64K-element cd_step took 75 us on one thread
-// and 92 us on two, while 1M elements took 1220 us on one and 697 us on two.
-int threads_for(double work, int nthreads) {
-  const double min_work_per_thread = 262144.0;
+// Threads worth using for `work` element-operations: waking a parked pool worker costs a few
+// microseconds (starting a thread cost ~50 us), so 32K element-operations per thread are enough.
+// Each thread gets up to 4 tasks (>= 32K element-operations each): if the OS runs a helper late
+// (a loaded machine), the caller works through the unclaimed tasks instead of waiting.
+Split threads_for(double work, int nthreads) {
+  const double min_work = 32768.0;
+  Split sp;
   int nt = nthreads < 1 ? 1 : nthreads;
-  const double cap = work / min_work_per_thread;
+  const double cap = work / min_work;
   if (cap < nt) nt = cap < 1.0 ? 1 : (int)cap;
-  return nt;
+  sp.threads = nt;
+  if (nt > 1) {
+    const double tasks = cap < 4.0 * nt ? cap : 4.0 * nt;
+    sp.tasks = tasks < nt ? nt : (int)tasks;
+  }
+  return sp;
 }
 
 constexpr int64_t kAlign = 64;  // element ranges start at multiples of 64 (whole cache lines)
@@ -147,11 +148,14 @@ struct ChannelSums {
   std::vector<double> v;
   ChannelSums(int nt, int64_t C_) : C(C_), v((size_t)nt * (size_t)C_, 0.0) {}
   double* of(int t) { return v.data() + (size_t)t * (size_t)C; }
-  void add_into(float* out, int nt) {
+  // scale == 0: out[c] += sum; else out[c] = float(sum) * scale (the rounding of a float32
+  // sum followed by a float32 multiply, as the zero-fill + add + mul_ path computes it).
+  void add_into(float* out, int nt, float scale = 0.0f) {
     for (int64_t c = 0; c < C; ++c) {
       double s = 0.0;
       for (int t = 0; t < nt; ++t) s += v[(size_t)t * (size_t)C + (size_t)c];
-      out[c] += (float)s;
+      if (scale == 0.0f) out[c] += (float)s;
+      else out[c] = (float)s * scale;
     }
   }
 };
@@ -212,16 +216,17 @@ void cd_step_fwd(const PointArgs& a, int64_t n, int nthreads) {
                [&](int, int64_t b0, int64_t b1) { k.cd_step_fwd(a, b0, b1); });
 }
 
-void cd_step_bwd(const PointArgs& a, int64_t n, float* grad_sigma, int nthreads) {
+void cd_step_bwd(const PointArgs& a, int64_t n, float* grad_sigma, int nthreads,
+                 float gs_scale) {
   const KernelTable& k = K();
   PointArgs args = a;
   args.want_gsigma = grad_sigma != nullptr;
-  const int nt = threads_for((args.want_gsigma ? 2.0 : 0.5) * n, nthreads);
-  ChannelSums sums(nt, args.want_gsigma ? a.C : 0);
-  parallel_for(n, kAlign, nt, [&](int t, int64_t b0, int64_t b1) {
+  const Split sp = threads_for((args.want_gsigma ? 2.0 : 0.5) * n, nthreads);
+  ChannelSums sums(sp.tasks, args.want_gsigma ? a.C : 0);
+  parallel_for(n, kAlign, sp, [&](int t, int64_t b0, int64_t b1) {
     k.cd_step_bwd(args, b0, b1, args.want_gsigma ? sums.of(t) : nullptr);
   });
-  if (args.want_gsigma) sums.add_into(grad_sigma, nt);
+  if (args.want_gsigma) sums.add_into(grad_sigma, sp.tasks, gs_scale);
 }
 
 void cd_smooth_fwd(const PointArgs& a, int64_t n, int nthreads) {
@@ -234,22 +239,52 @@ void cd_smooth_bwd(const PointArgs& a, int64_t n, float* grad_sigma, int nthread
   const KernelTable& k = K();
   PointArgs args = a;
   args.want_gsigma = grad_sigma != nullptr;
-  const int nt = threads_for(2.0 * (double)n * (double)a.samples, nthreads);
-  ChannelSums sums(nt, args.want_gsigma ? a.C : 0);
-  parallel_for(n, kAlign, nt, [&](int t, int64_t b0, int64_t b1) {
+  const Split sp = threads_for(2.0 * (double)n * (double)a.samples, nthreads);
+  ChannelSums sums(sp.tasks, args.want_gsigma ? a.C : 0);
+  parallel_for(n, kAlign, sp, [&](int t, int64_t b0, int64_t b1) {
     k.cd_smooth_bwd(args, b0, b1, args.want_gsigma ? sums.of(t) : nullptr);
   });
-  if (args.want_gsigma) sums.add_into(grad_sigma, nt);
+  if (args.want_gsigma) sums.add_into(grad_sigma, sp.tasks);
+}
+
+void z_stats(const PointArgs& a, int64_t n, double* out, int nthreads) {
+  const KernelTable& k = K();
+  if (n <= 0) { out[0] = out[1] = __builtin_nan(""); return; }
+  PointArgs args = a;
+  double z0[2] = {0.0, 0.0};
+  args.zshift = 0.0f;
+  k.z_moments(args, 0, 1, z0);  // the sum over element 0 alone is z[0]
+  args.zshift = (float)z0[0];
+  const Split sp = threads_for(1.0 * n, nthreads);
+  std::vector<double> part((size_t)sp.tasks * 2, 0.0);
+  parallel_for(n, kAlign, sp, [&](int t, int64_t b0, int64_t b1) {
+    k.z_moments(args, b0, b1, part.data() + 2 * t);
+  });
+  double s1 = 0.0, s2 = 0.0;
+  for (int t = 0; t < sp.tasks; ++t) { s1 += part[2 * t]; s2 += part[2 * t + 1]; }
+  const double nd = (double)n;
+  double var = (s2 - s1 * s1 / nd) / (nd - 1.0);
+  if (var < 0.0) var = 0.0;
+  out[0] = (double)args.zshift + s1 / nd;
+  out[1] = n > 1 ? __builtin_sqrt(var) : __builtin_nan("");
+}
+
+void z_std_bwd(const PointArgs& a, int64_t n, int nthreads) {
+  const KernelTable& k = K();
+  parallel_for(n, kAlign, threads_for(1.0 * n, nthreads),
+               [&](int, int64_t b0, int64_t b1) { k.z_std_bwd(a, b0, b1); });
 }
 
 // Rows b of the ensemble split over threads, each with its own float scratch of 5*C + K + 16.
 template <class RowFn>
 static void ensemble_rows(const EnsArgs& a, int nthreads, RowFn&& rows) {
-  const int nt = threads_for(3.0 * (double)a.K * (double)a.B * (double)a.C, nthreads);
-  const int nth = nt < a.B ? nt : (int)(a.B > 0 ? a.B : 1);
+  Split sp = threads_for(3.0 * (double)a.K * (double)a.B * (double)a.C, nthreads);
+  const int64_t Bmax = a.B > 0 ? a.B : 1;
+  if (sp.tasks > Bmax) sp.tasks = (int)Bmax;
+  if (sp.threads > sp.tasks) sp.threads = sp.tasks;
   const size_t per = (size_t)(5 * a.C + a.K + 16);
-  std::vector<float> scratch(per * (size_t)nth);  // allocated here: bad_alloc reaches Python
-  parallel_for(a.B, 1, nth, [&](int t, int64_t b0, int64_t b1) {
+  std::vector<float> scratch(per * (size_t)sp.tasks);  // here: bad_alloc reaches Python
+  parallel_for(a.B, 1, sp, [&](int t, int64_t b0, int64_t b1) {
     rows(b0, b1, scratch.data() + per * (size_t)t);
   });
 }

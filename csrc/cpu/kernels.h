@@ -33,9 +33,16 @@ void uniform(float* out, int64_t n, uint64_t seed, uint64_t offset, uint32_t sam
 void normal(void* out, int dtype, int64_t n, uint64_t seed, uint64_t offset, uint32_t sample,
             int nthreads);
 void cd_step_fwd(const PointArgs& a, int64_t n, int nthreads);
-void cd_step_bwd(const PointArgs& a, int64_t n, float* grad_sigma, int nthreads);
+// gs_scale == 0: grad_sigma[c] += sum; else grad_sigma[c] = float(sum) * gs_scale (overwrite).
+void cd_step_bwd(const PointArgs& a, int64_t n, float* grad_sigma, int nthreads,
+                 float gs_scale = 0.0f);
 void cd_smooth_fwd(const PointArgs& a, int64_t n, int nthreads);
 void cd_smooth_bwd(const PointArgs& a, int64_t n, float* grad_sigma, int nthreads);
+// std-scaled step. z_stats: out[0] = mean(z), out[1] = std(z) (unbiased; nan for n = 1) of
+// z = x + dt*f in float32, accumulated in double around the shift z[0] (no cancellation when
+// |mean| >> std). z_std_bwd: grad_x = gy + za*(z - zmean) + zb, grad_f = dt*grad_x.
+void z_stats(const PointArgs& a, int64_t n, double* out, int nthreads);
+void z_std_bwd(const PointArgs& a, int64_t n, int nthreads);
 void ensemble_mean_fwd(const EnsArgs& a, int nthreads);
 void ensemble_mean_bwd(const EnsArgs& a, int nthreads);
 

@@ -588,9 +588,71 @@ static void k_ens_bwd(const EnsArgs& a, int64_t b0, int64_t b1, float* scratch) 
   else ens_bwd_t<BF16>(a, b0, b1, scratch);
 }
 
+// -- std-scaled step: moments of z = x + dt*f, and the gradient through std(z) ---------------
+// Per tile: float32 partial sums in 8 lanes (vectorised), added to double accumulators.
+template <class D>
+static void zmom_t(const PointArgs& a, int64_t begin, int64_t end, double* acc) {
+  using T = typename D::T;
+  const T* x = static_cast<const T*>(a.x);
+  const T* f = static_cast<const T*>(a.f);
+  const float dt = a.dt, K = a.zshift;
+  for (int64_t p0 = begin; p0 < end; p0 += TILE) {
+    const int len = (int)(end - p0 < TILE ? end - p0 : TILE);
+    const T* xx = x + p0;
+    const T* ff = f + p0;
+    float s1[8] = {0, 0, 0, 0, 0, 0, 0, 0}, s2[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int i = 0;
+    for (; i + 8 <= len; i += 8)
+      for (int j = 0; j < 8; ++j) {
+        const float d = (D::ld(xx, i + j) + dt * D::ld(ff, i + j)) - K;
+        s1[j] += d;
+        s2[j] += d * d;
+      }
+    double t1 = 0.0, t2 = 0.0;
+    for (int j = 0; j < 8; ++j) { t1 += (double)s1[j]; t2 += (double)s2[j]; }
+    for (; i < len; ++i) {
+      const float d = (D::ld(xx, i) + dt * D::ld(ff, i)) - K;
+      t1 += (double)d;
+      t2 += (double)d * (double)d;
+    }
+    acc[0] += t1;
+    acc[1] += t2;
+  }
+}
+
+template <class D>
+static void zbwd_t(const PointArgs& a, int64_t begin, int64_t end) {
+  using T = typename D::T;
+  const T* x = static_cast<const T*>(a.x);
+  const T* f = static_cast<const T*>(a.f);
+  const T* gy = static_cast<const T*>(a.gy);
+  T* gx = static_cast<T*>(a.gx);
+  T* gf = static_cast<T*>(a.gf);
+  const float dt = a.dt, m = a.zmean, za = a.za, zb = a.zb;
+  for (int64_t p = begin; p < end; ++p) {
+    const float z = D::ld(x, p) + dt * D::ld(f, p);
+    const float g = (gy ? D::ld(gy, p) : 0.0f) + za * (z - m) + zb;
+    D::st(gx, p, g);
+    if (gf) D::st(gf, p, dt * g);
+  }
+}
+
+static void k_z_moments(const PointArgs& a, int64_t begin, int64_t end, double* acc) {
+  if (a.dtype == kF32) zmom_t<F32>(a, begin, end, acc);
+  else if (a.dtype == kF16) zmom_t<F16>(a, begin, end, acc);
+  else zmom_t<BF16>(a, begin, end, acc);
+}
+
+static void k_z_std_bwd(const PointArgs& a, int64_t begin, int64_t end) {
+  if (a.dtype == kF32) zbwd_t<F32>(a, begin, end);
+  else if (a.dtype == kF16) zbwd_t<F16>(a, begin, end);
+  else zbwd_t<BF16>(a, begin, end);
+}
+
 static const KernelTable table = {
     CDK_ISA_NAME,   k_philox_words, k_uniform,       k_normal,  k_cd_step_fwd,
     k_cd_step_bwd,  k_cd_smooth_fwd, k_cd_smooth_bwd, k_ens_fwd, k_ens_bwd,
+    k_z_moments,    k_z_std_bwd,
 };
 
 }  // namespace CDK_ISA_NS

@@ -54,4 +54,11 @@ void cdk_register_cuda(py::module_& m) {
   m.def("cuda_ensemble_mean_bwd", &ensemble_mean_bwd, nogil, arg("device"), arg("stream"),
         arg("dtype"), arg("grad_out"), arg("inp"), arg("out"), arg("grad_in"), arg("K"),
         arg("B"), arg("C"), arg("space"));
+
+  m.def("cuda_z_stats_workspace_doubles", &z_stats_workspace_doubles);
+  m.def("cuda_z_stats", &z_stats, nogil, arg("device"), arg("stream"), arg("dtype"), arg("n"),
+        arg("x"), arg("f"), arg("dt"), arg("workspace"), arg("out"));
+  m.def("cuda_z_std_bwd", &z_std_bwd, nogil, arg("device"), arg("stream"), arg("dtype"),
+        arg("n"), arg("x"), arg("f"), arg("grad_y"), arg("grad_x"), arg("grad_f"), arg("dt"),
+        arg("coefs"));
 }

@@ -75,4 +75,16 @@ void ensemble_mean_bwd(int device, uintptr_t stream, int dtype, uintptr_t grad_o
                        uintptr_t out, uintptr_t grad_in, int64_t K, int64_t B, int64_t C,
                        int space);
 
+// -- std-scaled step (std_step.cu): z = x + dt*f ------------------------------------------------
+// out float64 [2] = (mean(z), unbiased std(z)); workspace: float64 [z_stats_workspace_doubles()]
+// on the device (per-block partial sums). Deterministic (no atomics). n > 0.
+int z_stats_workspace_doubles();
+void z_stats(int device, uintptr_t stream, int dtype, int64_t n, uintptr_t x, uintptr_t f,
+             double dt, uintptr_t workspace, uintptr_t out);
+// coefs float64 [3] on the device = (mean, a, b): grad_x = grad_y + a*(z - mean) + b
+// (grad_y 0: absent), grad_f = dt*grad_x (grad_f 0: not written).
+void z_std_bwd(int device, uintptr_t stream, int dtype, int64_t n, uintptr_t x, uintptr_t f,
+               uintptr_t grad_y, uintptr_t grad_x, uintptr_t grad_f, double dt,
+               uintptr_t coefs);
+
 }  // namespace cdk_cuda

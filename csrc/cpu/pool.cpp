@@ -1,0 +1,152 @@
+// pool.cpp -- see pool.h.
+#include "cpu/pool.h"
+
+#include <unistd.h>
+
+#include <atomic>
+#include <condition_variable>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#if defined(__x86_64__) || defined(__i386__)
+#include <immintrin.h>
+#define CDK_PAUSE() _mm_pause()
+#else
+#define CDK_PAUSE() ((void)0)
+#endif
+
+namespace cdk_cpu {
+namespace {
+
+struct Pool {
+  std::mutex busy;  // held by the thread whose job the workers are running
+  std::mutex m;
+  std::condition_variable wake, done;
+  int nworkers = 0;
+  // The current job, written under m together with `generation`; a worker snapshots all three
+  // under m, so it never pairs one job's task with another job's size.
+  uint64_t generation = 0;
+  const std::function<void(int)>* task = nullptr;
+  int ntasks = 0;
+  int helpers = 0;  // workers with id < helpers take part in the current job
+  // (generation low 32 bits) << 32 | next task index. Claiming by CAS on this word means a
+  // worker that woke late for an old job can never claim a task of the next one.
+  std::atomic<uint64_t> claim{0};
+  std::atomic<int> remaining{0};  // tasks of the current job not finished yet
+
+  void drain(uint32_t gen, const std::function<void(int)>* fn, int n) {
+    for (;;) {
+      uint64_t v = claim.load(std::memory_order_acquire);
+      int t;
+      for (;;) {
+        if ((uint32_t)(v >> 32) != gen) return;
+        t = (int)(uint32_t)v;
+        if (t >= n) return;
+        if (claim.compare_exchange_weak(v, v + 1, std::memory_order_acq_rel)) break;
+      }
+      (*fn)(t);
+      if (remaining.fetch_sub(1, std::memory_order_acq_rel) == 1) {
+        std::lock_guard<std::mutex> g(m);
+        done.notify_all();
+      }
+    }
+  }
+
+  void worker(int id) {
+    uint64_t seen = 0;
+    for (;;) {
+      const std::function<void(int)>* fn;
+      int n;
+      bool mine;
+      {
+        std::unique_lock<std::mutex> lk(m);
+        wake.wait(lk, [&] { return generation != seen; });
+        seen = generation;
+        fn = task;
+        n = ntasks;
+        mine = id < helpers;
+      }
+      if (mine) drain((uint32_t)seen, fn, n);
+    }
+  }
+
+  // Workers are detached and the Pool is never destroyed: parked threads must not outlive a
+  // destroyed mutex at interpreter exit.
+  void grow(int want) {
+    while (nworkers < want) {
+      try {
+        std::thread(&Pool::worker, this, nworkers).detach();
+      } catch (...) {
+        return;  // could not start a thread: fewer helpers, the caller does the rest
+      }
+      ++nworkers;
+    }
+  }
+
+  void run(int n, int nthreads, const std::function<void(int)>& fn) {
+    grow(nthreads - 1);
+    uint32_t gen;
+    {
+      std::lock_guard<std::mutex> g(m);
+      task = &fn;
+      ntasks = n;
+      helpers = nthreads - 1;
+      gen = (uint32_t)++generation;
+      remaining.store(n, std::memory_order_relaxed);
+      claim.store((uint64_t)gen << 32, std::memory_order_release);
+    }
+    wake.notify_all();
+    drain(gen, &fn, n);
+    // Short spin first (a few microseconds: small jobs finish about when the caller's share
+    // does), then sleep: on an oversubscribed machine spinning would steal the helpers' core.
+    for (int i = 0; i < 256 && remaining.load(std::memory_order_acquire) != 0; ++i) CDK_PAUSE();
+    if (remaining.load(std::memory_order_acquire) != 0) {
+      std::unique_lock<std::mutex> lk(m);
+      done.wait(lk, [&] { return remaining.load(std::memory_order_acquire) == 0; });
+    }
+  }
+};
+
+// A forked child (DataLoader workers) inherits the Pool object but not its threads: it gets a
+// fresh Pool (the parent's copy is abandoned, its mutexes may be held by threads that do not
+// exist here).
+std::atomic<Pool*> g_pool{nullptr};
+std::atomic<pid_t> g_pid{0};
+std::mutex g_create;
+
+Pool* pool() {
+  const pid_t me = getpid();
+  Pool* p = g_pool.load(std::memory_order_acquire);
+  if (p && g_pid.load(std::memory_order_acquire) == me) return p;
+  std::lock_guard<std::mutex> g(g_create);
+  p = g_pool.load(std::memory_order_acquire);
+  if (!p || g_pid.load(std::memory_order_acquire) != me) {
+    p = new Pool();
+    g_pool.store(p, std::memory_order_release);
+    g_pid.store(me, std::memory_order_release);
+  }
+  return p;
+}
+
+}  // namespace
+
+void pool_run(int ntasks, int nthreads, const std::function<void(int)>& task) {
+  if (ntasks <= 0) return;
+  if (ntasks == 1 || nthreads <= 1) {
+    for (int t = 0; t < ntasks; ++t) task(t);
+    return;
+  }
+  Pool* p = pool();
+  std::unique_lock<std::mutex> own(p->busy, std::try_to_lock);
+  if (!own.owns_lock()) {
+    // Another thread's job is running: do ours here rather than queue behind it.
+    for (int t = 0; t < ntasks; ++t) task(t);
+    return;
+  }
+  p->run(ntasks, nthreads < ntasks ? nthreads : ntasks, task);
+}
+
+int pool_size() { return pool()->nworkers; }
+
+}  // namespace cdk_cpu
