@@ -31,8 +31,8 @@ batch, draws its own noise (cd_step mixes the rank into drawn seeds), metrics ar
 and only rank 0 writes files or logs.
 
 ``--cuda-graph`` captures the whole training step (forward, backward, SGD update) once and
-replays it; the seeds of the noise are drawn by ``torch.randint`` on the CUDA generator inside
-the captured region, so every replay uses fresh noise.
+replays it; the seeds of the noise are drawn from the CUDA generator (an in-place
+``random_()`` on a seed tensor) inside the captured region, so every replay uses fresh noise.
 """
 from __future__ import annotations
 
@@ -727,7 +727,7 @@ def _train_step(st, x, y):
         st.graph, st.static = _capture(st.train_model, st.opt, st.crit, x, y, device, args,
                                        st.side)
         st.log("cuda-graph: captured forward + backward + SGD step; every replay draws fresh "
-               "noise seeds with torch.randint from the CUDA generator inside the graph (its "
+               "noise seeds from the CUDA generator inside the graph (its "
                "offset advances per replay), so the noise differs per step")
     if st.graph is not None:
         st.static["x"].copy_(x)
