@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     a = p.add_argument
     a("--version", action="version", version=f"%(prog)s (cdkernels {_version()})")
-    a("--model", default="cd_preact_resnet20", help="model name (cdkernels.models.list())")
+    a("--model", default="cd_preact_resnet20", help="model name (cdkernels.models.list_models())")
     a("--data", default="digits", choices=D.DATASETS, help="dataset (never downloaded; digits "
       "needs scikit-learn: pip install cdkernels[train])")
     a("--data-dir", default=None, help="dataset folder (fashion-mnist default: "
@@ -169,7 +169,7 @@ def _world() -> tuple:
 
 def validate(args) -> None:
     """Raise CLIError (or DataError) for bad or conflicting options, before anything heavy."""
-    names = M.list()
+    names = M.list_models()
     if args.model not in names:
         raise CLIError(f"unknown model {args.model!r}; valid models: {', '.join(names)}")
     for name in ("epochs", "batch_size", "eval_batch_size"):

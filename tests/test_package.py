@@ -207,6 +207,7 @@ def fake_gpu(monkeypatch):
     monkeypatch.setattr(cuda_mod, "_load_ext", lambda: (state["fake_c"], ""))
     monkeypatch.setattr(B, "_instances", {})
     monkeypatch.setattr(B, "_warned", set())
+    monkeypatch.setattr(B, "_cache", {})  # get_backend's per-(device, dtype) lookup cache
     return state
 
 
