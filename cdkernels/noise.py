@@ -36,7 +36,9 @@ def normal(shape: Union[int, Sequence[int]], seed: Union[int, Tensor], *, offset
     """Standard normals of stream (seed, offset, sample), elements 0..numel-1 in row-major order.
 
     ``cd_step(x, ..., seed=s)`` on a contiguous x adds exactly ``normal(x.shape, s, dtype=x.dtype)``
-    (times sigma*sqrt(dt)). ``offset`` counts Philox blocks (4 elements each)."""
+    (times sigma*sqrt(dt)). float16/bfloat16 select the 16-bit stream (docs/noise.md 3b: eight
+    normals per Philox call, cut at 4.855 sigma); float32/float64 the float32 stream (section 3).
+    ``offset`` counts Philox blocks: 4 elements each in the float32 stream, 8 in the 16-bit one."""
     shape, device = _shape(shape), _device(device)
     if dtype not in (torch.float32, torch.float16, torch.bfloat16, torch.float64):
         raise TypeError(f"dtype must be a floating-point dtype, got {dtype}")

@@ -186,9 +186,7 @@ CDK_HD float cos_small(float x) {
 }
 
 // Box-Muller of one word pair: (r cos 2pi U(wb), r sin 2pi U(wb)), r = sqrt(-2 ln U(wa)).
-CDK_HD void box_muller(uint32_t wa, uint32_t wb, float* out_cos, float* out_sin) {
-  const float ua = word_to_uniform(wa);
-  const float ub = word_to_uniform(wb);
+CDK_HD void box_muller_u(float ua, float ub, float* out_cos, float* out_sin) {
 #if defined(__CUDACC__) && defined(__CUDA_ARCH__)
   const float r = sqrtf(CDK_MUL(-2.0f, log_unit(ua)));  // IEEE sqrt (nvcc -prec-sqrt=true)
 #else
@@ -205,6 +203,10 @@ CDK_HD void box_muller(uint32_t wa, uint32_t wb, float* out_cos, float* out_sin)
   const float sr = (qm == 0) ? s : (qm == 1) ? c : (qm == 2) ? -s : -c;
   *out_cos = CDK_MUL(r, cr);
   *out_sin = CDK_MUL(r, sr);
+}
+
+CDK_HD void box_muller(uint32_t wa, uint32_t wb, float* out_cos, float* out_sin) {
+  box_muller_u(word_to_uniform(wa), word_to_uniform(wb), out_cos, out_sin);
 }
 
 CDK_HD Normals4 words_to_normals(Words4 w) {
@@ -226,6 +228,89 @@ CDK_HD Words4 keyed_words(const PhiloxKeys& K, uint64_t block, uint32_t sample) 
 }
 CDK_HD Normals4 keyed_normals(const PhiloxKeys& K, uint64_t block, uint32_t sample) {
   return words_to_normals(keyed_words(K, block, sample));
+}
+
+
+// -- the 16-bit stream (docs/noise.md section 3b): eight normals per Philox call -------------
+
+CDK_HD float bits_to_float(uint32_t b) {
+#if defined(__CUDACC__) && defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  float f;
+  __builtin_memcpy(&f, &b, 4);
+  return f;
+#endif
+}
+
+// 1 + h * 2^-16 for a 16-bit h, built on the bits (no int->float conversion, which is a
+// quarter-rate instruction on the GPU). Subtracting a constant then gives U16 exactly.
+CDK_HD float one_plus_h(uint32_t h16) { return bits_to_float(0x3F800000u | (h16 << 7)); }
+
+// U16(h) = (2h+1) * 2^-17 of the low (radius) and high (angle) halves of a word: exact.
+CDK_HD float u16_radius(uint32_t w) { return one_plus_h(w & 0xFFFFu) - 0.99999237060546875f; }
+CDK_HD float u16_angle(uint32_t w) { return one_plus_h(w >> 16) - 0.99999237060546875f; }
+
+// The two float32 normals of one word, before the rounding to 16 bits:
+//   (r cos 2pi U16(ha), r sin 2pi U16(ha)),  r = sqrt(-2 ln U16(hr)).
+// GPU: hardware approximations (MUFU.LG2, MUFU.SQRT, MUFU.SIN/COS: about 13 instructions per
+// word), within the spec's 2^-14 + 2^-16 |eps| (docs/noise.md 3b). Each half is spliced under
+// the bits of 1.0f with one byte permute, v = 1 + h * 2^-23, and scaled by one FMA: the radius
+// uniform U16(hr) = 128 v - (128 - 2^-17) exactly, the angle a = 128 v - 128.5 = ha 2^-16 - 1/2
+// exactly, in [-1/2, 1/2) where the hardware sin/cos are most accurate; x = 2 pi (a + 2^-17) is
+// then the angle minus a half turn, which is folded into the sign of r. The arguments of lg2
+// (>= 2^-17) and sqrt (>= 1.5e-5) are never subnormal, so the .ftz forms (no subnormal
+// fix-ups) compute the same values. Host (CPU backend, CUDA emulator): the accurate float32
+// Box-Muller of the 32-bit stream on these uniforms (1-2 ulp).
+CDK_HD void word_to_normals16(uint32_t w, float* out_cos, float* out_sin) {
+#if defined(__CUDA_ARCH__)
+  const float vr = __uint_as_float(__byte_perm(w, 0x3F800000u, 0x7610));  // 1 + hr 2^-23
+  const float va = __uint_as_float(__byte_perm(w, 0x3F800000u, 0x7632));  // 1 + ha 2^-23
+  const float ur = __fmaf_rn(vr, 128.0f, -127.99999237060546875f);        // U16(hr), exact
+  const float a = __fmaf_rn(va, 128.0f, -128.5f);                         // ha 2^-16 - 1/2
+  const float x = __fmaf_rn(a, 6.28318530717958647692f, 4.79368996e-5f);  // 2 pi (a + 2^-17)
+  float l2, r, sn, cs;
+  asm("lg2.approx.ftz.f32 %0, %1;" : "=f"(l2) : "f"(ur));
+  const float t = __fmul_rn(l2, -1.38629436111989061883f);  // -2 ln ur >= 1.5e-5
+  asm("sqrt.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(t));
+  asm("sin.approx.ftz.f32 %0, %1;" : "=f"(sn) : "f"(x));
+  asm("cos.approx.ftz.f32 %0, %1;" : "=f"(cs) : "f"(x));
+  *out_cos = __fmul_rn(-r, cs);
+  *out_sin = __fmul_rn(-r, sn);
+#else
+  box_muller_u(u16_radius(w), u16_angle(w), out_cos, out_sin);
+#endif
+}
+
+// The eight float32 normals (lanes 0..7, before the 16-bit rounding) of a block's words.
+struct Normals8 { float n[8]; };
+CDK_HD Normals8 words_to_normals16(Words4 w) {
+  Normals8 r;
+  word_to_normals16(w.w0, &r.n[0], &r.n[1]);
+  word_to_normals16(w.w1, &r.n[2], &r.n[3]);
+  word_to_normals16(w.w2, &r.n[4], &r.n[5]);
+  word_to_normals16(w.w3, &r.n[6], &r.n[7]);
+  return r;
+}
+CDK_HD Normals8 stream_normals16(uint64_t seed, uint64_t block, uint32_t sample) {
+  return words_to_normals16(stream_words(seed, block, sample));
+}
+CDK_HD Normals8 keyed_normals16(const PhiloxKeys& K, uint64_t block, uint32_t sample) {
+  return words_to_normals16(keyed_words(K, block, sample));
+}
+
+// float32 -> bfloat16 -> float32, round to nearest even (NaN stays NaN), on the bits: the
+// 16-bit stream's element widened back, identical on every build.
+CDK_HD float round_to_bf16(float v) {
+  uint32_t b;
+#if defined(__CUDACC__) && defined(__CUDA_ARCH__)
+  b = __float_as_uint(v);
+#else
+  __builtin_memcpy(&b, &v, 4);
+#endif
+  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return v;  // NaN
+  b = (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
+  return bits_to_float(b);
 }
 
 }  // namespace cdk

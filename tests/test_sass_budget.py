@@ -81,8 +81,8 @@ def test_counts_within_budget(rows):
 
 def test_loop_found_is_the_steady_state(rows):
     """The loop the tool counts is the one that does the work: the noise kernels' counted
-    region holds a whole Philox call per 4 elements (10 round multiplies by M0 each) where the
-    product is formed once, and loads/stores data."""
+    region holds a whole Philox call per 4 elements (8 for 16-bit data; 10 round multiplies by
+    M0 each) where the product is formed once, and loads/stores data."""
     for r in rows["rows"]:
         if r.get("derived") or "error" in r or r["op"].startswith("ensemble"):
             continue

@@ -77,10 +77,46 @@ def stream_normals64(seed: Tensor, offset: int, sample: int, n: int, device) -> 
 
 
 def stream_normals(seed: Tensor, offset: int, sample: int, n: int, device, dtype) -> Tensor:
-    """The spec's normals: float64 values rounded once to float32 (then to a 16-bit dtype).
-    For float64 callers the float32 values are widened, so every dtype sees one stream."""
+    """The spec's float32 stream (section 3): float64 values rounded once to float32 (then to a
+    16-bit dtype: only cd_smooth uses this stream for 16-bit data). For float64 callers the
+    float32 values are widened, so every dtype sees one stream."""
     eps = stream_normals64(seed, offset, sample, n, device).to(torch.float32)
     return eps.to(dtype)
+
+
+IS_16BIT = (torch.float16, torch.bfloat16)
+
+
+def stream_normals16_64(seed: Tensor, offset: int, sample: int, n: int, device) -> Tensor:
+    """float64 [n]: the exact values of the 16-bit stream (docs/noise.md section 3b): eight
+    per block, two per word; the low half of word j sets the radius of lanes 2j and 2j+1, the
+    high half their angle; U16(h) = (2h+1) * 2^-17."""
+    nb = (n + 7) // 8
+    w = stream_words(seed, offset, sample, nb, device)        # [nb, 4]
+    ur = ((w & 0xFFFF) * 2 + 1).to(torch.float64) * 2.0 ** -17
+    ua = ((w >> 16) * 2 + 1).to(torch.float64) * 2.0 ** -17
+    r = torch.sqrt(-2.0 * torch.log(ur))
+    a = (2.0 * math.pi) * ua
+    out = torch.stack([r * torch.cos(a), r * torch.sin(a)], dim=2)  # [nb, 4 words, 2]
+    return out.reshape(-1)[:n]
+
+
+def stream_normals16(seed: Tensor, offset: int, sample: int, n: int, device,
+                     dtype) -> Tensor:
+    """The 16-bit stream's elements: float64 values rounded to float32, then to ``dtype``
+    (float16 or bfloat16; nearest even both times)."""
+    if dtype not in IS_16BIT:
+        raise ValueError(f"the 16-bit stream is defined for float16/bfloat16, not {dtype}")
+    return stream_normals16_64(seed, offset, sample, n, device).to(torch.float32).to(dtype)
+
+
+def step_normals(seed: Tensor, offset: int, n: int, device, data_dtype, compute_dtype):
+    """The ε that cd_step / cd_std_step add to data of ``data_dtype`` (and that
+    ``cdkernels.normal(..., dtype=data_dtype)`` returns), in ``compute_dtype``: the 16-bit
+    stream for 16-bit data, the float32 stream otherwise."""
+    if data_dtype in IS_16BIT:
+        return stream_normals16(seed, offset, 0, n, device, data_dtype).to(compute_dtype)
+    return stream_normals(seed, offset, 0, n, device, compute_dtype)
 
 
 # -- activations, on the compute dtype -----------------------------------------------------------
@@ -160,13 +196,16 @@ class ReferenceBackend(Backend):
         out.copy_(words_to_uniform64(w).to(torch.float32))
 
     def normal(self, out, seed, offset, sample):
-        out.copy_(stream_normals(seed, offset, sample, out.numel(), out.device, out.dtype))
+        if out.dtype in IS_16BIT:
+            out.copy_(stream_normals16(seed, offset, sample, out.numel(), out.device, out.dtype))
+        else:
+            out.copy_(stream_normals(seed, offset, sample, out.numel(), out.device, out.dtype))
 
     # -- cd_step ----------------------------------------------------------------------------
     def cd_step_fwd(self, x, f, y, dt, sigma, sigma_value, C, chan_stride, seed, offset, act):
         cdt = _compute_dtype(x.dtype)
         n = x.numel()
-        eps = stream_normals(seed, offset, 0, n, x.device, cdt)
+        eps = step_normals(seed, offset, n, x.device, x.dtype, cdt)
         s = _sigma_per_element(n, sigma, sigma_value, C, chan_stride, x.device, cdt)
         z = x.to(cdt) + dt * f.to(cdt) + (s * math.sqrt(dt)) * eps
         y.copy_(act_fwd(z, act))
@@ -182,7 +221,7 @@ class ReferenceBackend(Backend):
         if grad_f is not None:
             grad_f.copy_(dt * gz)
         if grad_sigma is not None:
-            eps = stream_normals(seed, offset, 0, gz.numel(), gz.device, cdt)
+            eps = step_normals(seed, offset, gz.numel(), gz.device, grad_y.dtype, cdt)
             grad_sigma.add_(_channel_sum(gz * eps, C, chan_stride).to(grad_sigma.dtype))
 
     # -- cd_smooth --------------------------------------------------------------------------

@@ -13,6 +13,16 @@ row ``i`` holds elements ``4*i .. 4*i+3`` (``triton_noise.lanes_to_tile``). Data
 stored as that contiguous tile, so on GPU each thread moves 4 consecutive elements (16-byte
 vectors for fp32) and the Philox work is done once per 4 elements. All index math is int64.
 
+float16 / bfloat16 data use the 16-bit stream (docs/noise.md section 3b, ``NOISE16``): the same
+``4*BLOCK`` elements per program as ``BLOCK // 2`` Philox blocks of 8, a [BLOCK // 2, 8] tile
+(16-byte vectors of 16-bit data; ``triton_noise.stream_normals16_tile``). Compiled kernels
+evaluate it with the hardware approximations (``FAST``: lg2/sqrt/sin/cos.approx), the
+interpreter with numpy's accurate functions. cd_smooth keeps the float32 stream for every dtype,
+evaluated with the fast transcendentals of docs/noise.md 3c when compiled
+(``triton_noise.box_muller_fast``; the interpreter runs the same construction with numpy's).
+cd_step addresses its tiles as ``ptr + start + loc`` with int32 in-tile positions and an int32
+mask (``_step_tile``).
+
 Per-channel sigma / grad_sigma (element p -> channel (p // chan_stride) % C) uses one of three
 compile-time strategies (``_chan_mode``):
   1  C == 1: sigma[0]; grad_sigma reduced with tl.sum, one atomic per program.
@@ -21,6 +31,13 @@ compile-time strategies (``_chan_mode``):
   4  chan_stride == 1 and C a power of two <= 4*BLOCK (channels_last): the tile starts at a
      multiple of C, so channel = position in the tile & (C - 1) (C constexpr, int32, no
      division); grad_sigma summed per channel in the tile (a reshape) and C atomics per program.
+  5  cd_step's mode 2 when n + 2*chan_stride + 4*BLOCK < 2^31: the same two channel runs, but
+     the program's run and channel are found in int32 without an integer division (a
+     multiply-high by a magic number made on the host, exact for 31-bit values), and each element is
+     placed by an int32 compare of its position in the tile.
+  6  mode 5 when moreover chan_stride is a multiple of the tile's row width (4, or 8 for the
+     16-bit stream): runs end between rows, so the channel is chosen per row and grad_sigma is
+     split over the row sums (summed in registers first), not per element.
   3  otherwise (e.g. channels_last with C not a power of two): per-element int64 div/mod,
      gathered sigma, and one fp32 atomic per element for grad_sigma. Correct but slow on GPU
      (atomic contention on C addresses).
@@ -42,6 +59,15 @@ _INTERPRET_AT_IMPORT = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 BLOCK = 256  # Philox blocks per program -> 1024 elements per program
 NUM_WARPS = 4
+# cd_step runs its 4*BLOCK-element programs on one warp: 32 elements per thread, so the
+# per-program work (seed, channel runs, sigma loads, the grad_sigma reduction: warp shuffles,
+# no shared memory or barrier) is spread over 4x the elements of NUM_WARPS (bench/sass_budget.py).
+# Not CH_MODE 3 (per-element int64 div/mod): 32 elements of it per thread spill registers.
+STEP_WARPS = 1
+
+
+def _step_warps(mode: int) -> int:
+    return NUM_WARPS if mode == 3 else STEP_WARPS
 # No floating-point contraction on the GPU: every multiply-add the kernels want is an explicit
 # tl.fma, and the rest rounds each product and sum on its own, as the reference and the
 # interpreter (which never fuses) do. Without this, the NVIDIA backend's default (fusion on,
@@ -56,8 +82,10 @@ if HAVE_TRITON:
     import triton
     import triton.language as tl
 
-    from .triton_noise import (load_seed_key, log_unit, stream_normals_tile, stream_words,
-                               lanes_to_tile, to_store_dtype, word_to_uniform)
+    from .triton_noise import (load_seed_key, log_unit, round_f32_to_16, stream_normals_tile,
+                               stream_normals16_tile, stream_normals_fast_tile, stream_words,
+                               lanes_to_tile,
+                               to_store_dtype, word_to_uniform)
 
     # ---------------------------------------------------------------------------------------
     # shared helpers
@@ -73,61 +101,164 @@ if HAVE_TRITON:
         return b, e, pid * (4 * BLOCK)
 
     @triton.jit
-    def _tile_chan_pow2(BLOCK: tl.constexpr, CC: tl.constexpr):
+    def _tile_index16(offset, BLOCK: tl.constexpr):
+        """_tile_index for the 16-bit stream: the program's 4*BLOCK elements are BLOCK // 2
+        Philox blocks of 8; b [BLOCK // 2] int64, e [BLOCK // 2, 8] int64, start."""
+        R: tl.constexpr = BLOCK // 2
+        pid = tl.program_id(0).to(tl.int64)
+        i = pid * R + tl.arange(0, R).to(tl.int64)
+        e = 8 * i[:, None] + tl.arange(0, 8).to(tl.int64)[None, :]
+        b = tl.cast(offset, tl.int64) + i
+        return b, e, pid * (4 * BLOCK)
+
+    @triton.jit
+    def _step_tile(offset, n, NOISE16: tl.constexpr, BLOCK: tl.constexpr):
+        """(b, e, start, loc, mask) of the tile layout of the noise stream the op uses:
+        [BLOCK, 4] for the float32 stream, [BLOCK // 2, 8] for the 16-bit stream (NOISE16).
+        loc: int32 positions in the tile (e = start + loc); mask: loc < n - start, an int32
+        compare. Address tiles as ``ptr + start + loc`` (one 64-bit scalar add, then 32-bit
+        offsets) rather than ``ptr + e``: e's 64-bit arithmetic costs instructions per row."""
+        if NOISE16:
+            b, e, start = _tile_index16(offset, BLOCK)
+        else:
+            b, e, start = _tile_index(offset, BLOCK)
+        W: tl.constexpr = e.shape[1]
+        loc = W * tl.arange(0, e.shape[0])[:, None] + tl.arange(0, W)[None, :]
+        lim = tl.minimum(n - start, 4 * BLOCK).to(tl.int32)  # start < n: in [1, 4*BLOCK]
+        return b, e, start, loc, loc < lim
+
+    @triton.jit
+    def _step_noise(k0, k1, b, DT: tl.constexpr, NOISE16: tl.constexpr, FAST: tl.constexpr):
+        """float32 tile of the epsilon cd_step adds (sample 0): the float32 stream, or (NOISE16)
+        the 16-bit stream's element, i.e. rounded to the data's 16-bit dtype DT and widened."""
+        if NOISE16:
+            eps = round_f32_to_16(stream_normals16_tile(k0, k1, b, 0, FAST), DT, FAST)
+            eps = eps.to(tl.float32)
+        else:
+            eps = stream_normals_tile(k0, k1, b, 0)
+        return eps
+
+    @triton.jit
+    def _tile_chan_pow2(ROWS: tl.constexpr, W: tl.constexpr, CC: tl.constexpr):
         """CH_MODE 4 (chan_stride 1, C = CC a power of two dividing the tile): the channel of
-        each tile element, (position in the tile) & (CC - 1) in int32. A tile starts at a
-        multiple of 4*BLOCK, hence of CC, so this is (p // 1) % C with no division."""
-        q = 4 * tl.arange(0, BLOCK)[:, None] + tl.arange(0, 4)[None, :]
+        each element of a [ROWS, W] tile, (position in the tile) & (CC - 1) in int32. A tile
+        starts at a multiple of 4*BLOCK, hence of CC, so this is (p // 1) % C with no division."""
+        q = W * tl.arange(0, ROWS)[:, None] + tl.arange(0, W)[None, :]
         return q & (CC - 1)
 
     @triton.jit
-    def _sigma_tile(sigma_ptr, sigma_value, e, start, mask, C, chan_stride,
-                    HAS_SIGMA: tl.constexpr, CH_MODE: tl.constexpr, CC: tl.constexpr):
-        """sigma of each element of the tile (float32)."""
+    def _divmod_i32(a, d, mag, sh):
+        """(a // d, a % d) of int32 scalars 0 <= a < 2^31, 2 <= d < 2^31, without an integer
+        division: a // d = umulhi(a, mag) >> sh with the round-up magic number of _magic (exact
+        for every 31-bit a; Granlund & Montgomery 1994)."""
+        q = (tl.umulhi(a.to(tl.uint32), mag.to(tl.uint32)) >> sh.to(tl.uint32)).to(tl.int32)
+        return q, a - q * d
+
+    @triton.jit
+    def _two_runs_i32(e, C, chan_stride, chan_div, ROWS: tl.constexpr, BLOCK: tl.constexpr):
+        """CH_MODE 5 / 6: (c0, c1, first) of the program's tile: its elements are in channel c0
+        where ``first`` (int32 positions in the tile below the end of the first run), else c1.
+        ROWS (mode 6: chan_stride a multiple of the row width W, so the run ends between rows):
+        ``first`` is per row, shape [ROWS] (row i is in c0 iff W*i < end); else [ROWS, W]."""
+        start = tl.program_id(0) * (4 * BLOCK)  # int32: n < 2^31
+        mag_cs, sh_cs, mag_c, sh_c = chan_div
+        run, _r = _divmod_i32(start, chan_stride, mag_cs, sh_cs)
+        _q, c0 = _divmod_i32(run, C, mag_c, sh_c)
+        c1 = tl.where(c0 + 1 == C, 0, c0 + 1)
+        end = (run + 1) * chan_stride - start  # in [1, chan_stride]
+        W: tl.constexpr = e.shape[1]
+        if ROWS:
+            first = W * tl.arange(0, e.shape[0]) < end
+        else:
+            first = W * tl.arange(0, e.shape[0])[:, None] + tl.arange(0, W)[None, :] < end
+        return c0, c1, first
+
+    @triton.jit
+    def _sigma_tile(sigma_ptr, sigma_value, e, start, mask, C, chan_stride, chan_div,
+                    scale, HAS_SIGMA: tl.constexpr, CH_MODE: tl.constexpr, CC: tl.constexpr,
+                    BLOCK: tl.constexpr):
+        """sigma * scale of each element of the tile (float32; each sigma rounded to float32,
+        then one float32 multiply, formed once per channel where the mode allows)."""
         if HAS_SIGMA:
             if CH_MODE == 1:
-                s = tl.load(sigma_ptr).to(tl.float32) + tl.zeros(e.shape, dtype=tl.float32)
+                s = (tl.load(sigma_ptr).to(tl.float32) * scale) + tl.zeros(e.shape, dtype=tl.float32)
+            elif CH_MODE == 5:
+                c0, c1, first = _two_runs_i32(e, C, chan_stride, chan_div, False, BLOCK)
+                s0 = tl.load(sigma_ptr + c0).to(tl.float32) * scale
+                s1 = tl.load(sigma_ptr + c1).to(tl.float32) * scale
+                s = tl.where(first, s0, s1)
+            elif CH_MODE == 6:
+                c0, c1, first = _two_runs_i32(e, C, chan_stride, chan_div, True, BLOCK)
+                s0 = tl.load(sigma_ptr + c0).to(tl.float32) * scale
+                s1 = tl.load(sigma_ptr + c1).to(tl.float32) * scale
+                s = tl.where(first[:, None], s0, s1)  # [ROWS, 1]: broadcast by the caller
             elif CH_MODE == 2:
                 run = start // chan_stride
                 c0 = run % C
                 c1 = tl.where(c0 + 1 == C, 0, c0 + 1)  # (run + 1) % C without a third division
-                s0 = tl.load(sigma_ptr + c0).to(tl.float32)
-                s1 = tl.load(sigma_ptr + c1).to(tl.float32)
+                s0 = tl.load(sigma_ptr + c0).to(tl.float32) * scale
+                s1 = tl.load(sigma_ptr + c1).to(tl.float32) * scale
                 s = tl.where(e < (run + 1) * chan_stride, s0, s1)
             elif CH_MODE == 4:
-                s = tl.load(sigma_ptr + _tile_chan_pow2(e.shape[0], CC)).to(tl.float32)
+                s = tl.load(sigma_ptr + _tile_chan_pow2(e.shape[0], e.shape[1], CC)).to(tl.float32)
+                s = s * scale
             else:
                 c = (e // chan_stride) % C
-                s = tl.load(sigma_ptr + c, mask=mask, other=0.0).to(tl.float32)
+                s = tl.load(sigma_ptr + c, mask=mask, other=0.0).to(tl.float32) * scale
         else:
             s = tl.zeros(e.shape, dtype=tl.float32) + sigma_value
         return s
 
     @triton.jit
-    def _add_grad_sigma(gs_ptr, v, e, start, mask, C, chan_stride, CH_MODE: tl.constexpr,
-                        CC: tl.constexpr):
-        """grad_sigma[(p // chan_stride) % C] += v[p] over the tile (v is 0 where masked)."""
-        v = tl.where(mask, v, 0.0)
+    def _add2(a0, a1, b0, b1):
+        return a0 + b0, a1 + b1
+
+    @triton.jit
+    def _sum2(t0, t1):
+        """(sum of t0, sum of t1) over 2-D tiles in one tuple reduction (shared barriers)."""
+        r0, r1 = tl.reduce((t0, t1), 1, _add2)
+        return tl.reduce((r0, r1), 0, _add2)
+
+    @triton.jit
+    def _add_grad_sigma(gs_ptr, v, e, start, mask, C, chan_stride, chan_div,
+                        CH_MODE: tl.constexpr, CC: tl.constexpr, BLOCK: tl.constexpr):
+        """grad_sigma[(p // chan_stride) % C] += v[p] over the tile. v must be 0 where masked
+        (the callers' masked loads give 0 there). The atomics are relaxed: only their sum
+        matters, nothing is ordered by them."""
         if CH_MODE == 1:
-            tl.atomic_add(gs_ptr, tl.sum(tl.sum(v, axis=1), axis=0))
+            tl.atomic_add(gs_ptr, tl.sum(tl.sum(v, axis=1), axis=0), sem="relaxed")
+        elif CH_MODE == 5:
+            c0, c1, first = _two_runs_i32(e, C, chan_stride, chan_div, False, BLOCK)
+            t0 = tl.where(first, v, 0.0)
+            v0, v1 = _sum2(t0, v - t0)
+            tl.atomic_add(gs_ptr + c0, v0, sem="relaxed")
+            tl.atomic_add(gs_ptr + c1, v1, sem="relaxed")
+        elif CH_MODE == 6:
+            # whole rows per channel: sum the rows in registers, then split the row sums
+            c0, c1, first = _two_runs_i32(e, C, chan_stride, chan_div, True, BLOCK)
+            rs = tl.sum(v, axis=1)
+            r0 = tl.where(first, rs, 0.0)
+            v0, v1 = tl.reduce((r0, rs - r0), 0, _add2)  # rs - r0: rs or 0, exactly
+            tl.atomic_add(gs_ptr + c0, v0, sem="relaxed")
+            tl.atomic_add(gs_ptr + c1, v1, sem="relaxed")
         elif CH_MODE == 2:
             run = start // chan_stride
             first = e < (run + 1) * chan_stride
-            v0 = tl.sum(tl.sum(tl.where(first, v, 0.0), axis=1), axis=0)
-            v1 = tl.sum(tl.sum(tl.where(first, 0.0, v), axis=1), axis=0)
+            t0 = tl.where(first, v, 0.0)
+            v0, v1 = _sum2(t0, v - t0)
             c0 = run % C
-            tl.atomic_add(gs_ptr + c0, v0)
-            tl.atomic_add(gs_ptr + tl.where(c0 + 1 == C, 0, c0 + 1), v1)
+            tl.atomic_add(gs_ptr + c0, v0, sem="relaxed")
+            tl.atomic_add(gs_ptr + tl.where(c0 + 1 == C, 0, c0 + 1), v1, sem="relaxed")
         elif CH_MODE == 4:
             # tile element q has channel q % CC: rows of CC consecutive elements, summed per
             # column in the tile, then CC atomics per program (not one per element)
-            per_chan = tl.sum(tl.reshape(v, (v.shape[0] * 4 // CC, CC)), axis=0)
-            tl.atomic_add(gs_ptr + tl.arange(0, CC), per_chan)
+            per_chan = tl.sum(tl.reshape(v, (v.shape[0] * v.shape[1] // CC, CC)), axis=0)
+            tl.atomic_add(gs_ptr + tl.arange(0, CC), per_chan, sem="relaxed")
         else:
             # TODO(perf): reduce in-tile per channel before the atomics (e.g. reshape to
             # [rows, C] when C * chan_stride divides 4*BLOCK), instead of one atomic per element.
             c = (e // chan_stride) % C
-            tl.atomic_add(gs_ptr + c, v, mask=mask)
+            tl.atomic_add(gs_ptr + c, v, mask=mask, sem="relaxed")
 
     @triton.jit
     def _tanh(z):
@@ -210,53 +341,65 @@ if HAVE_TRITON:
         tl.store(out_ptr + e, u, mask=e < n)
 
     @triton.jit
-    def _normal_kernel(out_ptr, seed_ptr, offset, sample, n, BLOCK: tl.constexpr):
-        b, e, start = _tile_index(offset, BLOCK)
+    def _normal_kernel(out_ptr, seed_ptr, offset, sample, n, NOISE16: tl.constexpr,
+                       FAST: tl.constexpr, BLOCK: tl.constexpr):
         k0, k1 = load_seed_key(seed_ptr)
-        eps = stream_normals_tile(k0, k1, b, sample)
-        tl.store(out_ptr + e, to_store_dtype(eps, out_ptr), mask=e < n)
+        if NOISE16:  # float16 / bfloat16 out: the 16-bit stream, rounded to out's dtype
+            b, e, start = _tile_index16(offset, BLOCK)
+            eps = stream_normals16_tile(k0, k1, b, sample, FAST)
+            tl.store(out_ptr + e, round_f32_to_16(eps, out_ptr.dtype.element_ty, FAST),
+                     mask=e < n)
+        else:
+            b, e, start = _tile_index(offset, BLOCK)
+            eps = stream_normals_tile(k0, k1, b, sample)
+            tl.store(out_ptr + e, to_store_dtype(eps, out_ptr), mask=e < n)
 
     # ---------------------------------------------------------------------------------------
     # cd_step
     # ---------------------------------------------------------------------------------------
     @triton.jit
     def _cd_step_fwd_kernel(x_ptr, f_ptr, y_ptr, n, dt, sqrt_dt, sigma_ptr, coef_value, C,
-                            chan_stride, seed_ptr, offset, HAS_SIGMA: tl.constexpr,
-                            CH_MODE: tl.constexpr, CC: tl.constexpr, RELU: tl.constexpr, BLOCK: tl.constexpr):
-        b, e, start = _tile_index(offset, BLOCK)
-        mask = e < n
+                            chan_stride, mag_cs, sh_cs, mag_c, sh_c, seed_ptr, offset,
+                            HAS_SIGMA: tl.constexpr,
+                            CH_MODE: tl.constexpr, CC: tl.constexpr, RELU: tl.constexpr,
+                            NOISE16: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr):
+        b, e, start, loc, mask = _step_tile(offset, n, NOISE16, BLOCK)
         k0, k1 = load_seed_key(seed_ptr)
-        eps = stream_normals_tile(k0, k1, b, 0)
-        x = tl.load(x_ptr + e, mask=mask, other=0.0).to(tl.float32)
-        f = tl.load(f_ptr + e, mask=mask, other=0.0).to(tl.float32)
+        eps = _step_noise(k0, k1, b, x_ptr.dtype.element_ty, NOISE16, FAST)
+        x = tl.load(x_ptr + start + loc, mask=mask, other=0.0).to(tl.float32)
+        f = tl.load(f_ptr + start + loc, mask=mask, other=0.0).to(tl.float32)
         if HAS_SIGMA:
-            coef = _sigma_tile(sigma_ptr, 0.0, e, start, mask, C, chan_stride, True, CH_MODE, CC) * sqrt_dt
+            coef = _sigma_tile(sigma_ptr, 0.0, e, start, mask, C, chan_stride,
+                               (mag_cs, sh_cs, mag_c, sh_c),
+                               sqrt_dt, True, CH_MODE, CC, BLOCK)
         else:
             coef = coef_value  # sigma_value * sqrt(dt), formed on the host in float64
         z = x + dt * f + coef * eps
         if RELU:
             z = tl.maximum(z, 0.0)
-        tl.store(y_ptr + e, to_store_dtype(z, y_ptr), mask=mask)
+        tl.store(y_ptr + start + loc, to_store_dtype(z, y_ptr), mask=mask)
 
     @triton.jit
     def _cd_step_bwd_kernel(gy_ptr, y_ptr, gx_ptr, gf_ptr, gs_ptr, n, dt, C, chan_stride,
-                            seed_ptr, offset, RELU: tl.constexpr, HAS_GX: tl.constexpr,
+                            mag_cs, sh_cs, mag_c, sh_c, seed_ptr, offset, RELU: tl.constexpr,
+                            HAS_GX: tl.constexpr,
                             HAS_GF: tl.constexpr, HAS_GS: tl.constexpr, CH_MODE: tl.constexpr, CC: tl.constexpr,
-                            BLOCK: tl.constexpr):
-        b, e, start = _tile_index(offset, BLOCK)
-        mask = e < n
-        gz = tl.load(gy_ptr + e, mask=mask, other=0.0).to(tl.float32)
+                            NOISE16: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr):
+        b, e, start, loc, mask = _step_tile(offset, n, NOISE16, BLOCK)
+        gz = tl.load(gy_ptr + start + loc, mask=mask, other=0.0).to(tl.float32)
         if RELU:
-            y = tl.load(y_ptr + e, mask=mask, other=0.0).to(tl.float32)
+            y = tl.load(y_ptr + start + loc, mask=mask, other=0.0).to(tl.float32)
             gz = tl.where(y > 0, gz, 0.0)
         if HAS_GX:
-            tl.store(gx_ptr + e, to_store_dtype(gz, gx_ptr), mask=mask)
+            tl.store(gx_ptr + start + loc, to_store_dtype(gz, gx_ptr), mask=mask)
         if HAS_GF:
-            tl.store(gf_ptr + e, to_store_dtype(dt * gz, gf_ptr), mask=mask)
+            tl.store(gf_ptr + start + loc, to_store_dtype(dt * gz, gf_ptr), mask=mask)
         if HAS_GS:
             k0, k1 = load_seed_key(seed_ptr)
-            eps = stream_normals_tile(k0, k1, b, 0)
-            _add_grad_sigma(gs_ptr, gz * eps, e, start, mask, C, chan_stride, CH_MODE, CC)
+            eps = _step_noise(k0, k1, b, gy_ptr.dtype.element_ty, NOISE16, FAST)
+            _add_grad_sigma(gs_ptr, gz * eps, e, start, mask, C, chan_stride,
+                            (mag_cs, sh_cs, mag_c, sh_c),
+                            CH_MODE, CC, BLOCK)
 
     # ---------------------------------------------------------------------------------------
     # cd_smooth (K samples looped in the kernel: x read once, y written once)
@@ -264,15 +407,16 @@ if HAVE_TRITON:
     @triton.jit
     def _cd_smooth_fwd_kernel(x_ptr, y_ptr, n, sigma_ptr, sigma_value, C, chan_stride, K,
                               seed_ptr, offset, HAS_SIGMA: tl.constexpr, CH_MODE: tl.constexpr, CC: tl.constexpr,
-                              ACT: tl.constexpr, BLOCK: tl.constexpr):
+                              ACT: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr):
         b, e, start = _tile_index(offset, BLOCK)
         mask = e < n
         k0, k1 = load_seed_key(seed_ptr)
         x = tl.load(x_ptr + e, mask=mask, other=0.0).to(tl.float32)
-        s = _sigma_tile(sigma_ptr, sigma_value, e, start, mask, C, chan_stride, HAS_SIGMA, CH_MODE, CC)
+        s = _sigma_tile(sigma_ptr, sigma_value, e, start, mask, C, chan_stride, (1, 0, 1, 0), 1.0,
+                        HAS_SIGMA, CH_MODE, CC, BLOCK)
         acc = tl.zeros(e.shape, dtype=tl.float32)
         for k in range(K):
-            eps = stream_normals_tile(k0, k1, b, k)
+            eps = stream_normals_fast_tile(k0, k1, b, k, FAST)
             acc += _act_fwd(x + s * eps, ACT)
         tl.store(y_ptr + e, to_store_dtype(acc / K, y_ptr), mask=mask)
 
@@ -280,24 +424,26 @@ if HAVE_TRITON:
     def _cd_smooth_bwd_kernel(gy_ptr, x_ptr, gx_ptr, gs_ptr, n, sigma_ptr, sigma_value, C,
                               chan_stride, K, seed_ptr, offset, HAS_SIGMA: tl.constexpr,
                               HAS_GS: tl.constexpr, CH_MODE: tl.constexpr, CC: tl.constexpr, ACT: tl.constexpr,
-                              BLOCK: tl.constexpr):
+                              FAST: tl.constexpr, BLOCK: tl.constexpr):
         b, e, start = _tile_index(offset, BLOCK)
         mask = e < n
         k0, k1 = load_seed_key(seed_ptr)
         x = tl.load(x_ptr + e, mask=mask, other=0.0).to(tl.float32)
         g = tl.load(gy_ptr + e, mask=mask, other=0.0).to(tl.float32)
-        s = _sigma_tile(sigma_ptr, sigma_value, e, start, mask, C, chan_stride, HAS_SIGMA, CH_MODE, CC)
+        s = _sigma_tile(sigma_ptr, sigma_value, e, start, mask, C, chan_stride, (1, 0, 1, 0), 1.0,
+                        HAS_SIGMA, CH_MODE, CC, BLOCK)
         dx = tl.zeros(e.shape, dtype=tl.float32)
         ds = tl.zeros(e.shape, dtype=tl.float32)
         for k in range(K):
-            eps = stream_normals_tile(k0, k1, b, k)
+            eps = stream_normals_fast_tile(k0, k1, b, k, FAST)
             d = _act_grad(x + s * eps, ACT)
             dx += d
             if HAS_GS:
                 ds += d * eps
         tl.store(gx_ptr + e, to_store_dtype(g * dx / K, gx_ptr), mask=mask)
         if HAS_GS:
-            _add_grad_sigma(gs_ptr, g * ds / K, e, start, mask, C, chan_stride, CH_MODE, CC)
+            _add_grad_sigma(gs_ptr, tl.where(mask, g * ds / K, 0.0), e, start, mask, C, chan_stride, (1, 0, 1, 0), CH_MODE,
+                            CC, BLOCK)
 
     # ---------------------------------------------------------------------------------------
     # ensemble_mean: one program per row b, loop over the K replicas, whole row in registers.
@@ -395,6 +541,34 @@ def _chan_cc(C: int, chan_stride: int) -> int:
     return C if _chan_mode(C, chan_stride) == 4 else 1
 
 
+def _magic(d: int):
+    """(m, s) with a // d == (a * m) >> (32 + s) for all 0 <= a < 2^31 (2 <= d < 2^31):
+    l = ceil(log2 d), m = ceil(2^(31 + l) / d) < 2^32, s = l - 1 (Granlund & Montgomery)."""
+    l = (d - 1).bit_length()
+    return -(-(1 << (31 + l)) // d), l - 1
+
+
+def _step_chan(n: int, C: int, chan_stride: int, noise16: bool):
+    """cd_step's (CH_MODE, CC, (mag_cs, sh_cs, mag_c, sh_c)): mode 2 becomes the int32 mode 5
+    when the positions, the channel-run boundaries and their quotients fit, and mode 6 when
+    moreover chan_stride is a multiple of the tile's row width (see the module docstring)."""
+    mode = _chan_mode(C, chan_stride)
+    if mode == 2 and n + 2 * chan_stride + 4 * BLOCK < 2 ** 31:
+        mode = 6 if chan_stride % (8 if noise16 else 4) == 0 else 5
+        return mode, 1, _magic(chan_stride) + _magic(C)
+    return mode, _chan_cc(C, chan_stride), (1, 0, 1, 0)
+
+
+def _noise16(dtype) -> bool:
+    """Whether data of this dtype uses the 16-bit stream (docs/noise.md section 3b)."""
+    return dtype in (torch.float16, torch.bfloat16)
+
+
+# Compiled kernels evaluate the 16-bit stream with the hardware approximations (MUFU); the
+# interpreter cannot run libdevice and uses numpy's accurate functions (docs/noise.md, 3b).
+FAST16 = not _INTERPRET_AT_IMPORT
+
+
 def _grid(n_elements: int):
     return (triton.cdiv(n_elements, 4 * BLOCK),)
 
@@ -455,7 +629,7 @@ class TritonBackend(Backend):
         if n == 0:
             return
         _normal_kernel[_grid(n)](out, seed, _check_offset(offset), int(sample), n,
-                                 BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
+                                 NOISE16=_noise16(out.dtype), FAST=FAST16, BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     # -- cd_step ------------------------------------------------------------------------------
     def cd_step_fwd(self, x, f, y, dt, sigma, sigma_value, C, chan_stride, seed, offset, act):
@@ -466,11 +640,12 @@ class TritonBackend(Backend):
             raise ValueError(f"cd_step: unknown activation {act!r}")
         has_sigma = sigma is not None
         coef_value = 0.0 if has_sigma else float(sigma_value) * math.sqrt(dt)
+        mode, cc, div = _step_chan(n, int(C), int(chan_stride), _noise16(x.dtype))
         _cd_step_fwd_kernel[_grid(n)](
             x, f, y, n, float(dt), math.sqrt(dt), sigma if has_sigma else x, coef_value,
-            int(C), int(chan_stride), seed, _check_offset(offset),
-            HAS_SIGMA=has_sigma, CH_MODE=_chan_mode(int(C), int(chan_stride)), CC=_chan_cc(int(C), int(chan_stride)),
-            RELU=(act == "relu"), BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
+            int(C), int(chan_stride), *div, seed, _check_offset(offset),
+            HAS_SIGMA=has_sigma, CH_MODE=mode, CC=cc,
+            RELU=(act == "relu"), NOISE16=_noise16(x.dtype), FAST=FAST16, BLOCK=BLOCK, num_warps=_step_warps(mode), enable_fp_fusion=FP_FUSION)
 
     def cd_step_bwd(self, grad_y, y, grad_x, grad_f, grad_sigma, dt, sigma, sigma_value, C,
                     chan_stride, seed, offset, act):
@@ -481,14 +656,15 @@ class TritonBackend(Backend):
             raise ValueError(f"cd_step: unknown activation {act!r}")
         relu = act == "relu"
         dummy = grad_y
+        mode, cc, div = _step_chan(n, int(C), int(chan_stride), _noise16(grad_y.dtype))
         _cd_step_bwd_kernel[_grid(n)](
             grad_y, y if relu else dummy, grad_x if grad_x is not None else dummy,
             grad_f if grad_f is not None else dummy,
             grad_sigma if grad_sigma is not None else dummy, n, float(dt), int(C),
-            int(chan_stride), seed, _check_offset(offset), RELU=relu,
+            int(chan_stride), *div, seed, _check_offset(offset), RELU=relu,
             HAS_GX=grad_x is not None, HAS_GF=grad_f is not None,
-            HAS_GS=grad_sigma is not None, CH_MODE=_chan_mode(int(C), int(chan_stride)), CC=_chan_cc(int(C), int(chan_stride)),
-            BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
+            HAS_GS=grad_sigma is not None, CH_MODE=mode, CC=cc,
+            NOISE16=_noise16(grad_y.dtype), FAST=FAST16, BLOCK=BLOCK, num_warps=_step_warps(mode), enable_fp_fusion=FP_FUSION)
 
     # -- cd_smooth ----------------------------------------------------------------------------
     def cd_smooth_fwd(self, x, y, sigma, sigma_value, C, chan_stride, samples, seed, offset, act):
@@ -499,7 +675,7 @@ class TritonBackend(Backend):
         _cd_smooth_fwd_kernel[_grid(n)](
             x, y, n, sigma if has_sigma else x, float(sigma_value), int(C), int(chan_stride),
             int(samples), seed, _check_offset(offset), HAS_SIGMA=has_sigma,
-            CH_MODE=_chan_mode(int(C), int(chan_stride)), CC=_chan_cc(int(C), int(chan_stride)), ACT=_ACT_CODES[act], BLOCK=BLOCK,
+            CH_MODE=_chan_mode(int(C), int(chan_stride)), CC=_chan_cc(int(C), int(chan_stride)), ACT=_ACT_CODES[act], FAST=FAST16, BLOCK=BLOCK,
             num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
 
     def cd_smooth_bwd(self, grad_y, x, grad_x, grad_sigma, sigma, sigma_value, C, chan_stride,
@@ -513,7 +689,8 @@ class TritonBackend(Backend):
             sigma if has_sigma else x, float(sigma_value), int(C), int(chan_stride),
             int(samples), seed, _check_offset(offset), HAS_SIGMA=has_sigma,
             HAS_GS=grad_sigma is not None, CH_MODE=_chan_mode(int(C), int(chan_stride)), CC=_chan_cc(int(C), int(chan_stride)),
-            ACT=_ACT_CODES[act], BLOCK=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=FP_FUSION)
+            ACT=_ACT_CODES[act], FAST=FAST16, BLOCK=BLOCK, num_warps=NUM_WARPS,
+            enable_fp_fusion=FP_FUSION)
 
     # -- ensemble_mean ------------------------------------------------------------------------
     @staticmethod

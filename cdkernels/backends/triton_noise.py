@@ -7,6 +7,9 @@ versions) nor on the fast approximate ``lg2``/``sin``/``cos``/``sqrt`` instructi
 ``tl.log``/``tl.sin``/``tl.cos``/``tl.sqrt`` may lower to on NVIDIA GPUs. The polynomials are the
 ones of csrc/cdk_noise.h (fdlibm logf, cephes sinf/cosf); square root and the one division use
 the IEEE-rounded ``tl.sqrt_rn``/``tl.div_rn``. Results stay within a few ulp of the float64 oracle.
+The exceptions, by the spec: the 16-bit stream (``box_muller16``, docs/noise.md 3b) and
+cd_smooth's Monte-Carlo normals (``box_muller_fast``, docs/noise.md 3c) use the hardware
+approximations (libdevice fast_*, ``tl.sqrt``) in compiled kernels (``FAST``).
 
 Only long-stable Triton APIs are used (tested with the interpreter of triton 3.9; the GPU target
 is triton 3.6). Importing this module never raises: without Triton it defines nothing but
@@ -14,12 +17,23 @@ is triton 3.6). Importing this module never raises: without Triton it defines no
 """
 from __future__ import annotations
 
+import os
+
 try:  # pragma: no cover - exercised implicitly
     import triton
     import triton.language as tl
 
     HAVE_TRITON = True
     TRITON_IMPORT_ERROR = ""
+    try:  # the fast approximate transcendentals of the 16-bit stream (compiled kernels only)
+        from triton.language.extra.cuda import libdevice
+    except Exception:  # pragma: no cover - an install without the CUDA extras
+        libdevice = None
+    # Whether the kernels are compiled (False: TRITON_INTERPRET=1 at import, when triton.jit makes
+    # interpreted functions; triton_backend decides the same way). Compiled kernels round
+    # float32 -> bfloat16 with the hardware conversion (cvt.rn: nearest even, like
+    # round_f32_to_bf16, which the interpreter's truncating cast needs).
+    COMPILED = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") != "1")
 except Exception as _e:  # ImportError, or a broken install raising something else
     triton = None
     tl = None
@@ -136,6 +150,53 @@ if HAVE_TRITON:
         return r * cr, r * sr
 
     @triton.jit
+    def box_muller_fast(wa, wb, FAST: tl.constexpr):
+        """box_muller with fast transcendentals, for Monte-Carlo averaging (cd_smooth):
+        docs/noise.md section 3c, the construction of csrc/cuda/fast_noise.cuh. Same words, same
+        uniforms; |eps_fast - eps| <= 2^-18 * r on the GPU.
+
+        U(wa) and d = 1 - U(wa) = U(~wa) are formed on the bits (exact); -ln U is the series
+        d + d^2/2 + d^3/3 + d^4/4 + d^5/5 for d < 1/16, else -ln2 * log2(U); the angle is
+        a = U(wb) - 1/2 (exact) and (cos, sin)(2piU) = -(cos, sin)(2pi a), the sign going into
+        the radius. FAST (compiled): lg2.approx / sqrt.approx / sin.approx / cos.approx (MUFU);
+        otherwise (the interpreter) numpy's float32 log2 / sqrt / sin / cos. The series' Horner
+        steps are explicit fmas (what nvcc contracts fast_noise.cuh's expression into; the
+        kernels are compiled without fp fusion)."""
+        u = (0x3F800000 | (wa >> 9)).to(tl.float32, bitcast=True) - 0.999999940395355224609375
+        d = (0x3F800000 | ((~wa) >> 9)).to(tl.float32, bitcast=True) \
+            - 0.999999940395355224609375
+        p = tl.fma(d, 0.2, 0.25)
+        p = tl.fma(d, p, 0.333333343)
+        p = tl.fma(d, p, 0.5)
+        p = tl.fma(d, p, 1.0)
+        if FAST:
+            lg = libdevice.fast_log2f(u)
+        else:
+            lg = tl.log2(u)
+        # t = 2 * (d < 1/16 ? d*p : lg * -0.693147182); the doubling is exact, folded in
+        t = tl.where(d < 0.0625, (d + d) * p, lg * -1.38629436492919921875)
+        a = ((0x3F800000 | (wb >> 9)).to(tl.float32, bitcast=True) - 1.5) \
+            + 5.9604644775390625e-08
+        x = a * 6.2831854820251465  # float32(2*pi)
+        nr = -tl.sqrt(t)  # tl.sqrt: sqrt.approx (MUFU.SQRT) compiled
+        if FAST:
+            c = libdevice.fast_cosf(x)
+            s = libdevice.fast_sinf(x)
+        else:
+            c = tl.cos(x)
+            s = tl.sin(x)
+        return nr * c, nr * s
+
+    @triton.jit
+    def stream_normals_fast_tile(k0, k1, b, sample, FAST: tl.constexpr):
+        """[BLOCK, 4] float32 tile of the normals of blocks ``b`` with box_muller_fast
+        (cd_smooth; see lanes_to_tile)."""
+        w0, w1, w2, w3 = stream_words(k0, k1, b, sample)
+        n0, n1 = box_muller_fast(w0, w1, FAST)
+        n2, n3 = box_muller_fast(w2, w3, FAST)
+        return lanes_to_tile(n0, n1, n2, n3)
+
+    @triton.jit
     def stream_normals(k0, k1, b, sample):
         """The four float32 normals (lanes 0..3) of 64-bit block indices ``b`` of stream
         (key, sample)."""
@@ -175,6 +236,78 @@ if HAVE_TRITON:
     def to_store_dtype(v, ptr):
         """Round float32 ``v`` to the element type of ``ptr`` (nearest even)."""
         if ptr.dtype.element_ty == tl.bfloat16:
-            return round_f32_to_bf16(v)
+            if COMPILED:
+                return v.to(tl.bfloat16)  # cvt.rn.bf16.f32, two values per instruction
+            else:
+                return round_f32_to_bf16(v)
         else:
             return v.to(ptr.dtype.element_ty)
+
+    # -------------------------------------------------------------------------------------------
+    # The 16-bit stream (docs/noise.md section 3b): eight normals per Philox call, two per word.
+    # -------------------------------------------------------------------------------------------
+    @triton.jit
+    def box_muller16(w, FAST: tl.constexpr):
+        """(lane 2j, lane 2j+1) float32 normals of word ``w`` (uint32) of the 16-bit stream:
+        r = sqrt(-2 ln U16(hr)), (r cos 2piU16(ha), r sin 2piU16(ha)), hr / ha the low / high
+        16 bits, U16(h) = (2h + 1) * 2^-17.
+
+        U16 is formed on the bits: 0x3F800000 | (h << 7) is 1 + h*2^-16, minus (1 - 2^-17)
+        gives U16(h) exactly; for the angle, minus (3/2 - 2^-17) gives a = U16(ha) - 1/2 in
+        (-1/2, 1/2) exactly, and (cos, sin)(2piU) = -(cos, sin)(2pi a): the sign goes into the
+        radius. FAST (compiled kernels): the hardware approximations lg2.approx / sqrt.approx /
+        sin.approx / cos.approx (MUFU), within the spec's 2^-14 + 2^-16|n| of the exact value.
+        Otherwise (the interpreter, which cannot run libdevice) numpy's accurate float32
+        log2 / sqrt / sin / cos."""
+        ur = (((w << 7) & 0x7FFF80) | 0x3F800000).to(tl.float32, bitcast=True) \
+            - 0.99999237060546875
+        a = (((w >> 9) & 0x7FFF80) | 0x3F800000).to(tl.float32, bitcast=True) \
+            - 1.49999237060546875
+        x = a * 6.2831854820251465  # 2*pi*a, |x| < pi
+        if FAST:
+            # -r = -sqrt(log2(u) * (-2 ln 2))
+            nr = -tl.sqrt(libdevice.fast_log2f(ur) * -1.3862943611198906)
+            c = libdevice.fast_cosf(x)
+            s = libdevice.fast_sinf(x)
+        else:
+            nr = -tl.sqrt(tl.log2(ur) * -1.3862943611198906)
+            c = tl.cos(x)
+            s = tl.sin(x)
+        return nr * c, nr * s
+
+    @triton.jit
+    def lanes8_to_tile(c0, s0, c1, s1, c2, s2, c3, s3):
+        """Eight [R] lane vectors (lane 2j = cj, lane 2j+1 = sj) -> [R, 8] tile, row i = block
+        i, column l = lane l. Built with tl.join (no selects): the joined dimensions live in
+        the registers of one thread, and the [R, 2, 2, 2] -> [R, 8] reshape is a relabelling
+        (column l = 4*d1 + 2*d2 + d3, d3 the cos/sin parity, (d1, d2) the word's bits)."""
+        cc = tl.join(tl.join(c0, c2), tl.join(c1, c3))  # [R, 2, 2]: [i, d1, d2] = c_{2*d1+d2}
+        ss = tl.join(tl.join(s0, s2), tl.join(s1, s3))
+        t = tl.join(cc, ss)                              # [R, 2, 2, 2]
+        return tl.reshape(t, (c0.shape[0], 8))
+
+    @triton.jit
+    def stream_normals16_tile(k0, k1, b, sample, FAST: tl.constexpr):
+        """[R, 8] float32 tile of the 16-bit stream's values (before the 16-bit rounding) of
+        blocks ``b`` ([R] int64): row i = block b[i], column l = lane l."""
+        w0, w1, w2, w3 = stream_words(k0, k1, b, sample)
+        c0, s0 = box_muller16(w0, FAST)
+        c1, s1 = box_muller16(w1, FAST)
+        c2, s2 = box_muller16(w2, FAST)
+        c3, s3 = box_muller16(w3, FAST)
+        return lanes8_to_tile(c0, s0, c1, s1, c2, s2, c3, s3)
+
+    @triton.jit
+    def round_f32_to_16(v, DT: tl.constexpr, FAST: tl.constexpr):
+        """float32 -> DT (tl.float16 or tl.bfloat16), round to nearest even. The interpreter's
+        bfloat16 cast truncates, so there it is done on the bits; compiled, the hardware
+        conversion (cvt.rn, two values per instruction) rounds the same way."""
+        if DT == tl.bfloat16:
+            if FAST:
+                r = v.to(tl.bfloat16)
+            else:
+                r = round_f32_to_bf16(v)
+        else:
+            r = v.to(tl.float16)  # nearest even (numpy's astype in the interpreter)
+        return r
+

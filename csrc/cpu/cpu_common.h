@@ -60,20 +60,28 @@ CDK_INLINE uint16_t float_to_bf16(float fv) {
 }
 
 // Element access by dtype tag.
+// SIXTEEN: the data use the 16-bit noise stream (docs/noise.md 3b); round(v) is v rounded to
+// the dtype and widened back (the 16-bit stream's element as the kernels compute with it).
 struct F32 {
   using T = float;
+  static constexpr bool SIXTEEN = false;
   static CDK_INLINE float ld(const T* p, int64_t i) { return p[i]; }
   static CDK_INLINE void st(T* p, int64_t i, float v) { p[i] = v; }
+  static CDK_INLINE float round(float v) { return v; }
 };
 struct F16 {
   using T = uint16_t;
+  static constexpr bool SIXTEEN = true;
   static CDK_INLINE float ld(const T* p, int64_t i) { return half_to_float(p[i]); }
   static CDK_INLINE void st(T* p, int64_t i, float v) { p[i] = float_to_half(v); }
+  static CDK_INLINE float round(float v) { return half_to_float(float_to_half(v)); }
 };
 struct BF16 {
   using T = uint16_t;
+  static constexpr bool SIXTEEN = true;
   static CDK_INLINE float ld(const T* p, int64_t i) { return bf16_to_float(p[i]); }
   static CDK_INLINE void st(T* p, int64_t i, float v) { p[i] = float_to_bf16(v); }
+  static CDK_INLINE float round(float v) { return bf16_to_float(float_to_bf16(v)); }
 };
 
 // ---- float32 math, vectorisable ------------------------------------------------------------

@@ -7,7 +7,8 @@
 //
 // Work is done in tiles of TILE elements (TILE/4 Philox blocks): the tile's normals are made in
 // one vectorised loop into a stack buffer, then one vectorised element-wise loop does the op.
-// Tiles start at multiples of 4 elements relative to the op's first element.
+// Tiles start at multiples of 8 elements relative to the op's first element (whole Philox
+// blocks of both streams: 4 elements in the float32 stream, 8 in the 16-bit one).
 
 #ifndef CDK_ISA_NS
 #error "define CDK_ISA_NS before including kernels_impl.h"
@@ -60,6 +61,39 @@ static void gen_normals(float* __restrict out, uint64_t seed, uint64_t block0, i
   if (first < nb) normals_run(out + 4 * first, 0u, hi + 1u, sample, k0, k1, nb - first);
 }
 
+// The 16-bit stream (docs/noise.md 3b): eight normals per block, rounded to D's dtype and
+// widened back, for blocks (lo0 + i, hi), i < nb (no wrap inside, as normals_run).
+static void normals16_run(float* __restrict out, uint32_t lo0, uint32_t hi, uint32_t sample,
+                          uint32_t k0, uint32_t k1, int nb) {
+  for (int i = 0; i < nb; ++i) {
+    const cdk::Normals8 n =
+        cdk::words_to_normals16(cdk::philox4x32_10(lo0 + (uint32_t)i, hi, sample, 0u, k0, k1));
+    for (int j = 0; j < 8; ++j) out[8 * i + j] = n.n[j];
+  }
+}
+
+template <class D>
+static void gen_normals16(float* __restrict out, uint64_t seed, uint64_t block0, int nb,
+                          uint32_t sample) {
+  const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+  const uint32_t lo0 = (uint32_t)block0, hi = (uint32_t)(block0 >> 32);
+  const int first = (int)blocks_before_wrap(lo0, nb);
+  normals16_run(out, lo0, hi, sample, k0, k1, first);
+  if (first < nb) normals16_run(out + 8 * first, 0u, hi + 1u, sample, k0, k1, nb - first);
+  // The rounding to the dtype in its own loop: it vectorises there (float16's conversion has
+  // selects that would keep the Box-Muller loop above scalar).
+  for (int i = 0; i < 8 * nb; ++i) out[i] = D::round(out[i]);
+}
+
+// The eps of elements p0 .. p0+len-1 (p0 a multiple of 8) of the stream an op on D-typed data
+// uses: the 16-bit stream for 16-bit data, the float32 stream otherwise.
+template <class D>
+static inline void gen_data_normals(float* __restrict eps, uint64_t seed, uint64_t offset,
+                                    int64_t p0, int len, uint32_t sample) {
+  if (D::SIXTEEN) gen_normals16<D>(eps, seed, offset + (uint64_t)(p0 / 8), (len + 7) / 8, sample);
+  else gen_normals(eps, seed, offset + (uint64_t)(p0 / 4), (len + 3) / 4, sample);
+}
+
 static void k_philox_words(int32_t* out, int64_t b0, int64_t b1, uint64_t seed, uint64_t offset,
                            uint32_t sample) {
   const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
@@ -98,7 +132,7 @@ static void normal_t(void* outv, int64_t begin, int64_t end, uint64_t seed, uint
   typename D::T* out = static_cast<typename D::T*>(outv);
   for (int64_t p0 = begin; p0 < end; p0 += TILE) {
     const int len = (int)(end - p0 < TILE ? end - p0 : TILE);
-    gen_normals(eps, seed, offset + (uint64_t)(p0 / 4), (len + 3) / 4, sample);
+    gen_data_normals<D>(eps, seed, offset, p0, len, sample);
     typename D::T* o = out + p0;
     for (int i = 0; i < len; ++i) D::st(o, i, eps[i]);
   }
@@ -191,7 +225,7 @@ static void step_fwd_t(const PointArgs& a, int64_t begin, int64_t end) {
   T* y = static_cast<T*>(a.y);
   for (int64_t p0 = begin; p0 < end; p0 += TILE) {
     const int len = (int)(end - p0 < TILE ? end - p0 : TILE);
-    gen_normals(eps, a.seed, a.offset + (uint64_t)(p0 / 4), (len + 3) / 4, 0u);
+    gen_data_normals<D>(eps, a.seed, a.offset, p0, len, 0u);
     float sv = 0.0f;
     if (tile_sigma(a, p0, len, sig, &sv)) {
       const float sc = a.sigma == nullptr ? a.noise_scale : sv * a.sqrt_dt;
@@ -242,7 +276,7 @@ static void step_bwd_t(const PointArgs& a, int64_t begin, int64_t end, double* a
       for (int i = 0; i < len; ++i) D::st(o, i, dt * gz[i]);
     }
     if (a.want_gsigma) {
-      gen_normals(eps, a.seed, a.offset + (uint64_t)(p0 / 4), (len + 3) / 4, 0u);
+      gen_data_normals<D>(eps, a.seed, a.offset, p0, len, 0u);
       for (int i = 0; i < len; ++i) eps[i] = gz[i] * eps[i];
       accum_channels(acc, eps, p0, len, a.C, a.chan_stride);
     }

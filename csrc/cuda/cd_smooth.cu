@@ -1,7 +1,9 @@
 // cd_smooth.cu -- Monte-Carlo smoothing of an activation with in-kernel noise.
 //   fwd: y = (1/K) sum_k act(x + s*eps_k)
 //   bwd: grad_x = g * (1/K) sum_k act'(z_k);  grad_sigma[c] += sum g * (1/K) sum_k act'(z_k)*eps_k
-// eps_k is the stream (seed, offset, sample=k). One thread per Philox block (4 elements); the K
+// eps_k is the stream (seed, offset, sample=k), its normals made with fast transcendentals
+// (fast_noise.cuh, docs/noise.md 3c: within 2^-18 r of the accurate ones).
+// One thread per Philox block (4 elements); the K
 // samples are looped inside the thread (one Philox call per sample per block), so memory does
 // not grow with K. Rounding order follows the reference: z = x + s*eps (no FMA contraction),
 // y = acc / K, grad_x = (g * dx) / K, grad_sigma term = (g * ds) / K.
@@ -9,6 +11,7 @@
 // sigma/reduction variants with uniform runtime branches instead of more template instances.
 #include "activations.cuh"
 #include "common.cuh"
+#include "fast_noise.cuh"
 
 namespace cdk_cuda {
 namespace {
@@ -49,7 +52,7 @@ cd_smooth_fwd_kernel(const T* __restrict__ x, T* __restrict__ y, uint64_t n,
     sigma_block(sigma, s_const, perchan, e, chan_stride, C, s);
     float acc[4] = {0.0f, 0.0f, 0.0f, 0.0f};
     for (uint32_t k = 0; k < K; ++k) {
-      const cdk::Normals4 nz = cdk::keyed_normals(PK, offset + i, k);
+      const cdk::Normals4 nz = cdk::keyed_normals_fast(PK, offset + i, k);
       const float eps[4] = {nz.n0, nz.n1, nz.n2, nz.n3};
 #pragma unroll
       for (int j = 0; j < 4; ++j) acc[j] += A::f(__fadd_rn(xv[j], __fmul_rn(s[j], eps[j])));
@@ -95,7 +98,7 @@ cd_smooth_bwd_kernel(const T* __restrict__ gy, const T* __restrict__ x, T* __res
       sigma_block(sigma, s_const, perchan, e, chan_stride, C, s);
       float dx[4] = {0.0f, 0.0f, 0.0f, 0.0f}, ds[4] = {0.0f, 0.0f, 0.0f, 0.0f};
       for (uint32_t k = 0; k < K; ++k) {
-        const cdk::Normals4 nz = cdk::keyed_normals(PK, offset + i, k);
+        const cdk::Normals4 nz = cdk::keyed_normals_fast(PK, offset + i, k);
         const float eps[4] = {nz.n0, nz.n1, nz.n2, nz.n3};
 #pragma unroll
         for (int j = 0; j < 4; ++j) {

@@ -5,13 +5,18 @@
 // contraction): z = (x + dt*f) + (s*sqrt(dt))*eps, each product and sum rounded to float32.
 // I (index type) is uint32_t when n < 2^31, else uint64_t.
 //
-// Loop shape (what bench/sass_budget.py counts): a grid-stride loop over *full 16-byte
-// super-blocks* only: BPI = 16 / (4 sizeof(T)) Philox blocks per iteration (1 for fp32, 2 for
-// 16-bit data: 8 elements, one 128-bit load per input), no bounds checks, no alignment test.
-// What is left (the last partial super-block, or everything when a pointer is not 16-byte
-// aligned) runs in a second, generic loop after it.
+// Noise: float32 data uses the float32 stream (4 normals per Philox block, docs/noise.md
+// section 3); 16-bit data the 16-bit stream (8 normals per block, section 3b), each normal
+// rounded to T and used widened back to float32 (`StepNoise<T>`). Either way one Philox block
+// covers NPB = L elements: one 16-byte vector of each input.
 //
-// Per-channel sigma: the host picks the grid so that one grid-stride step D = 4*BPI*threads is
+// Loop shape (what bench/sass_budget.py counts): a grid-stride loop over *full 16-byte
+// super-blocks* only: L = 16 / sizeof(T) elements per iteration (4 for fp32, 8 for 16-bit data:
+// one 128-bit load per input, one Philox call), no bounds checks, no alignment test. What is
+// left (the last partial super-block, or everything when a pointer is not 16-byte aligned) runs
+// in a second, generic loop after it, one Philox block (NPB elements) at a time, bounds-checked.
+//
+// Per-channel sigma: the host picks the grid so that one grid-stride step D = L*threads is
 // a multiple of the channel period P = C * chan_stride (or the loop runs once per thread); then
 // the channels of a thread's elements never change and are computed once, before the loop
 // (`fixed_chan`). When that does not hold (the emulator's small grids, P too large for any grid)
@@ -22,6 +27,58 @@ namespace cdk_cuda {
 namespace {
 
 __device__ __forceinline__ float relu_f(float z) { return z < 0.0f ? 0.0f : z; }  // NaN stays NaN
+
+// The noise of a step on data of type T: the NPB stream elements of Philox block `block`
+// (sample 0), as the float32 values the step computes with.
+template <typename T> struct StepNoise;
+template <> struct StepNoise<float> {  // float32 stream: 4 per block
+  static constexpr int NPB = 4;
+  __device__ __forceinline__ static void get(const cdk::PhiloxKeys& K, uint64_t block,
+                                             float eps[4]) {
+    const cdk::Normals4 nz = cdk::keyed_normals(K, block, 0u);
+    eps[0] = nz.n0; eps[1] = nz.n1; eps[2] = nz.n2; eps[3] = nz.n3;
+  }
+};
+template <typename T> struct StepNoise16 {  // 16-bit stream: 8 per block, rounded to T
+  static constexpr int NPB = 8;
+  __device__ __forceinline__ static void get(const cdk::PhiloxKeys& K, uint64_t block,
+                                             float eps[8]) {
+    const cdk::Normals8 nz = cdk::keyed_normals16(K, block, 0u);
+#pragma unroll
+    for (int l = 0; l < 8; l += 2) round_pair(nz.n[l], nz.n[l + 1], eps + l);
+  }
+  // (a, b) rounded to T (nearest even) and widened back; one packed conversion for the pair.
+  __device__ __forceinline__ static void round_pair(float a, float b, float out[2]);
+};
+template <>
+__device__ __forceinline__ void StepNoise16<__half>::round_pair(float a, float b, float out[2]) {
+  const __half2 p = __floats2half2_rn(a, b);
+  out[0] = __low2float(p);
+  out[1] = __high2float(p);
+}
+template <>
+__device__ __forceinline__ void StepNoise16<__nv_bfloat16>::round_pair(float a, float b,
+                                                                      float out[2]) {
+  const __nv_bfloat162 p = __floats2bfloat162_rn(a, b);
+  uint32_t u;  // (b16 << 16) | a16: widening is a shift and a mask
+  __builtin_memcpy(&u, &p, 4);
+  out[0] = cdk::bits_to_float(u << 16);
+  out[1] = cdk::bits_to_float(u & 0xFFFF0000u);
+}
+template <> struct StepNoise<__half> : StepNoise16<__half> {};
+template <> struct StepNoise<__nv_bfloat16> : StepNoise16<__nv_bfloat16> {};
+
+// NPB elements starting at e (those < n; the others read as 0), scalar loads.
+template <typename T, typename I, int NPB>
+__device__ __forceinline__ void load_tail(const T* __restrict__ p, I e, I n, float v[NPB]) {
+#pragma unroll
+  for (int k = 0; k < NPB; k += 4) load_block_cs(p, e + (I)k, n, false, v + k);
+}
+template <typename T, typename I, int NPB>
+__device__ __forceinline__ void store_tail(T* __restrict__ p, I e, I n, const float v[NPB]) {
+#pragma unroll
+  for (int k = 0; k < NPB; k += 4) store_block(p, e + (I)k, n, false, v + k);
+}
 
 // Channel of each of the L elements starting at e (the slow, general computation).
 template <typename I, int L>
@@ -66,13 +123,14 @@ cd_step_fwd_kernel(const T* __restrict__ x, const T* __restrict__ f, T* __restri
                    float dt, float sqrtdt, const float* __restrict__ sigma, float coef_const,
                    I chan_stride, uint32_t C, const int64_t* __restrict__ seed_ptr,
                    uint64_t offset, bool vec, bool fixed_chan) {
-  constexpr int BPI = kBPI<T>, L = 4 * BPI;
+  constexpr int L = 4 * kBPI<T>, NPB = StepNoise<T>::NPB;
+  static_assert(NPB == L, "one Philox block per 16-byte vector");
   const cdk::PhiloxKeys K = cdk::philox_keys((uint64_t)__ldg(seed_ptr));
   // Non-per-channel noise scale: sigma_value*sqrt(dt) (host, double) or sigma[0]*sqrt(dt).
   float coef_u = coef_const;
   if (!PERCHAN && sigma != nullptr) coef_u = __fmul_rn(__ldg(sigma), sqrtdt);
-  const I nblk = (n + 3) / 4;
-  const I nsup = vec ? n / (I)L : 0;  // full, aligned super-blocks
+  const I nblk = (n + (I)(NPB - 1)) / (I)NPB;  // Philox blocks of the stream
+  const I nsup = vec ? n / (I)L : 0;           // full, aligned super-blocks
   const I stride = (I)gridDim.x * (I)blockDim.x;
   const I t0 = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x;
   float coef[L];
@@ -86,42 +144,36 @@ cd_step_fwd_kernel(const T* __restrict__ x, const T* __restrict__ f, T* __restri
   for (I s = t0; s < nsup; s += stride) {
     const I e = s * (I)L;
     if (PERCHAN && !fixed_chan) coefs_slow<I, L>(sigma, sqrtdt, e, chan_stride, C, coef);
-    float xv[L], fv[L], out[L];
+    float xv[L], fv[L], eps[L], out[L];
     Vec16<T>::load(x + e, xv);
     Vec16<T>::load(f + e, fv);
+    StepNoise<T>::get(K, offset + (uint64_t)s, eps);
 #pragma unroll
-    for (int b = 0; b < BPI; ++b) {
-      const cdk::Normals4 nz = cdk::keyed_normals(K, offset + (uint64_t)(s * (I)BPI + (I)b), 0u);
-      const float eps[4] = {nz.n0, nz.n1, nz.n2, nz.n3};
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const int l = 4 * b + j;
-        const float z = __fadd_rn(__fadd_rn(xv[l], __fmul_rn(dt, fv[l])), __fmul_rn(coef[l], eps[j]));
-        out[l] = RELU ? relu_f(z) : z;
-      }
+    for (int l = 0; l < L; ++l) {
+      const float z = __fadd_rn(__fadd_rn(xv[l], __fmul_rn(dt, fv[l])), __fmul_rn(coef[l], eps[l]));
+      out[l] = RELU ? relu_f(z) : z;
     }
     Vec16<T>::store(y + e, out);
   }
-  // The rest, one Philox block at a time, bounds-checked.
-  for (I i = nsup * (I)BPI + t0; i < nblk; i += stride) {
-    const I e = i * 4;
-    float xv[4], fv[4], cf[4], out[4];
-    load_block_cs(x, e, n, false, xv);
-    load_block_cs(f, e, n, false, fv);
+  // The rest, one Philox block (NPB elements) at a time, bounds-checked.
+  for (I i = nsup + t0; i < nblk; i += stride) {
+    const I e = i * (I)NPB;
+    float xv[NPB], fv[NPB], cf[NPB], eps[NPB], out[NPB];
+    load_tail<T, I, NPB>(x, e, n, xv);
+    load_tail<T, I, NPB>(f, e, n, fv);
     if (PERCHAN) {
-      coefs_slow<I, 4>(sigma, sqrtdt, e, chan_stride, C, cf);
+      coefs_slow<I, NPB>(sigma, sqrtdt, e, chan_stride, C, cf);
     } else {
 #pragma unroll
-      for (int j = 0; j < 4; ++j) cf[j] = coef_u;
+      for (int j = 0; j < NPB; ++j) cf[j] = coef_u;
     }
-    const cdk::Normals4 nz = cdk::keyed_normals(K, offset + (uint64_t)i, 0u);
-    const float eps[4] = {nz.n0, nz.n1, nz.n2, nz.n3};
+    StepNoise<T>::get(K, offset + (uint64_t)i, eps);
 #pragma unroll
-    for (int j = 0; j < 4; ++j) {
+    for (int j = 0; j < NPB; ++j) {
       const float z = __fadd_rn(__fadd_rn(xv[j], __fmul_rn(dt, fv[j])), __fmul_rn(cf[j], eps[j]));
       out[j] = RELU ? relu_f(z) : z;
     }
-    store_block(y, e, n, false, out);
+    store_tail<T, I, NPB>(y, e, n, out);
   }
 }
 
@@ -131,7 +183,8 @@ cd_step_bwd_kernel(const T* __restrict__ gy, const T* __restrict__ y, T* __restr
                    T* __restrict__ gf, float* __restrict__ gsig, I n, float dt, I chan_stride,
                    uint32_t C, const int64_t* __restrict__ seed_ptr, uint64_t offset, bool vec,
                    bool fixed_chan) {
-  constexpr int BPI = kBPI<T>, L = 4 * BPI;
+  constexpr int BPI = kBPI<T>, L = 4 * BPI, NPB = StepNoise<T>::NPB;
+  static_assert(NPB == L, "one Philox block per 16-byte vector");
   constexpr bool PERCHAN = RED == kRedSmem || RED == kRedGlobal;
   float* const sbins = dyn_smem_f32();
   float* bins = (RED == kRedSmem) ? sbins : gsig;
@@ -140,7 +193,7 @@ cd_step_bwd_kernel(const T* __restrict__ gy, const T* __restrict__ y, T* __restr
     __syncthreads();
   }
   const cdk::PhiloxKeys K = cdk::philox_keys(RED != kRedNone ? (uint64_t)__ldg(seed_ptr) : 0u);
-  const I nblk = (n + 3) / 4;
+  const I nblk = (n + (I)(NPB - 1)) / (I)NPB;  // Philox blocks of the stream
   const I nsup = vec ? n / (I)L : 0;
   const I stride = (I)gridDim.x * (I)blockDim.x;
   const I t0 = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x;
@@ -166,52 +219,58 @@ cd_step_bwd_kernel(const T* __restrict__ gy, const T* __restrict__ y, T* __restr
       Vec16<T>::store(gf + e, t);
     }
     if (RED != kRedNone) {
-      float v[L];
+      float eps[L], v[L];
+      StepNoise<T>::get(K, offset + (uint64_t)s, eps);
 #pragma unroll
-      for (int b = 0; b < BPI; ++b) {
-        const cdk::Normals4 nz = cdk::keyed_normals(K, offset + (uint64_t)(s * (I)BPI + (I)b), 0u);
-        v[4 * b + 0] = __fmul_rn(gz[4 * b + 0], nz.n0);
-        v[4 * b + 1] = __fmul_rn(gz[4 * b + 1], nz.n1);
-        v[4 * b + 2] = __fmul_rn(gz[4 * b + 2], nz.n2);
-        v[4 * b + 3] = __fmul_rn(gz[4 * b + 3], nz.n3);
-      }
+      for (int l = 0; l < L; ++l) v[l] = __fmul_rn(gz[l], eps[l]);
+#pragma unroll
+      for (int l = 0; l < L; ++l) acc[l] += v[l];
       if (PERCHAN && !fixed_chan) {
+        // the thread's channels change between iterations: acc was zero (flushed after every
+        // iteration), so it holds exactly v; add it to the bins now and start again from zero
         FloatsL<L> val;
 #pragma unroll
-        for (int l = 0; l < L; ++l) val.v[l] = v[l];
+        for (int l = 0; l < L; ++l) {
+          val.v[l] = acc[l];
+          acc[l] = 0.0f;
+        }
         bins_add_slow<I, L>(bins, e, n, chan_stride, C, val);
-      } else {
-#pragma unroll
-        for (int l = 0; l < L; ++l) acc[l] += v[l];
       }
     }
   }
-  // The rest, one Philox block at a time, bounds-checked.
-  for (I i = nsup * (I)BPI + t0; i < nblk; i += stride) {
-    const I e = i * 4;
-    float gz[4];
-    load_block_cs(gy, e, n, false, gz);  // elements past n read as 0
+  // The rest, one Philox block (NPB elements) at a time, bounds-checked.
+  for (I i = nsup + t0; i < nblk; i += stride) {
+    const I e = i * (I)NPB;
+    float gz[NPB];
+    load_tail<T, I, NPB>(gy, e, n, gz);  // elements past n read as 0
     if (RELU) {
-      float yv[4];
-      load_block_cs(y, e, n, false, yv);
+      float yv[NPB];
+      load_tail<T, I, NPB>(y, e, n, yv);
 #pragma unroll
-      for (int j = 0; j < 4; ++j) gz[j] = __fmul_rn(gz[j], (yv[j] > 0.0f) ? 1.0f : 0.0f);
+      for (int j = 0; j < NPB; ++j) gz[j] = __fmul_rn(gz[j], (yv[j] > 0.0f) ? 1.0f : 0.0f);
     }
-    if (gx != nullptr) store_block(gx, e, n, false, gz);
+    if (gx != nullptr) store_tail<T, I, NPB>(gx, e, n, gz);
     if (gf != nullptr) {
-      float t[4];
+      float t[NPB];
 #pragma unroll
-      for (int j = 0; j < 4; ++j) t[j] = __fmul_rn(dt, gz[j]);
-      store_block(gf, e, n, false, t);
+      for (int j = 0; j < NPB; ++j) t[j] = __fmul_rn(dt, gz[j]);
+      store_tail<T, I, NPB>(gf, e, n, t);
     }
     if (RED != kRedNone) {
-      const cdk::Normals4 nz = cdk::keyed_normals(K, offset + (uint64_t)i, 0u);
-      const float v[4] = {__fmul_rn(gz[0], nz.n0), __fmul_rn(gz[1], nz.n1),
-                          __fmul_rn(gz[2], nz.n2), __fmul_rn(gz[3], nz.n3)};
+      float eps[NPB];
+      StepNoise<T>::get(K, offset + (uint64_t)i, eps);
+      FloatsL<NPB> val;
+#pragma unroll
+      for (int j = 0; j < NPB; ++j) val.v[j] = __fmul_rn(gz[j], eps[j]);
       if (PERCHAN) {
-        bins_add_slow<I, 4>(bins, e, n, chan_stride, C, FloatsL<4>{{v[0], v[1], v[2], v[3]}});
+        bins_add_slow<I, NPB>(bins, e, n, chan_stride, C, val);
       } else {
-        acc[0] += (v[0] + v[1]) + (v[2] + v[3]);
+        // pairwise: (v0 + v1) + (v2 + v3) for a float32 block, one more level for 16-bit
+#pragma unroll
+        for (int w = NPB; w > 1; w /= 2)
+#pragma unroll
+          for (int j = 0; j < w / 2; ++j) val.v[j] = val.v[2 * j] + val.v[2 * j + 1];
+        acc[0] += val.v[0];
       }
     }
   }

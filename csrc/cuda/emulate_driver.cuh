@@ -47,8 +47,8 @@ void emu_uniform(float* out, int64_t n, const int64_t* seed, uint64_t off, uint3
   launch(cap_grid(nblk, kThreads, cap), kThreads, 0, [&] { uniform_kernel(out, n, seed, off, sample, ((uintptr_t)out) % 16 == 0); });
 }
 void emu_normal(int dtype, void* out, int64_t n, const int64_t* seed, uint64_t off, uint32_t sample, unsigned cap) {
-  uint64_t nblk = (n + 3) / 4;
-  DT(dtype, T, launch(cap_grid(nblk, kThreads, cap), kThreads, 0, [&] { normal_kernel<T>((T*)out, n, seed, off, sample, ((uintptr_t)out) % 16 == 0); }));
+  DT(dtype, T, const uint64_t nblk = (n + kNormalPerItem<T> - 1) / kNormalPerItem<T>;
+     launch(cap_grid(nblk, kThreads, cap), kThreads, 0, [&] { normal_kernel<T>((T*)out, n, seed, off, sample, ((uintptr_t)out) % 16 == 0); }));
 }
 void emu_cd_step_fwd(int dtype, int64_t n, uintptr_t x, uintptr_t f, uintptr_t y, double dt, uintptr_t sigma,
                      double sigma_value, int64_t C, int64_t cs, const int64_t* seed, uint64_t off, int act,
