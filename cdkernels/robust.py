@@ -398,7 +398,13 @@ def external_attack(kind: str, model, x, y, eps: float, norm: str = "linf", step
                          iterations, EOT 20): expensive, use on a subset.
     """
     ta = require_torchattacks()
-    net = _LogProbModel(model)
+    # The wrapper is made in eval mode: torchattacks records the *wrapper's* mode before the
+    # attack and calls .train() on it afterwards if it was training, which a fresh nn.Module
+    # is. That switched the whole model (BatchNorm included) into training mode after every
+    # cross-check batch, so its adversarial predictions used batch statistics and updated the
+    # running ones. The caller's mode is restored explicitly as well.
+    was_training = model.training
+    net = _LogProbModel(model).train(was_training)
     tnorm = {"linf": "Linf", "l2": "L2"}[_check_norm(norm)]
     if kind == "autoattack-rand":
         atk = ta.AutoAttack(net, norm=tnorm, eps=eps, version="rand",
@@ -408,7 +414,10 @@ def external_attack(kind: str, model, x, y, eps: float, norm: str = "linf", step
                       loss="dlr" if kind == "apgd-dlr" else "ce", eot_iter=eot)
     # torchattacks switches the model to train/eval itself; keep ours in eval.
     atk.set_model_training_mode(model_training=False)
-    return atk(x.detach(), y).detach()
+    try:
+        return atk(x.detach(), y).detach()
+    finally:
+        model.train(was_training)
 
 
 def _check_adv(xa: torch.Tensor, x: torch.Tensor, eps: float, norm: str) -> None:

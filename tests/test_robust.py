@@ -309,3 +309,32 @@ def test_cli_cross_check_without_torchattacks(ckpt, monkeypatch, capsys):
     assert A.main(["--checkpoint", ckpt, "--attack", "apgd", "--limit-eval", "5"]) == 2
     err = capsys.readouterr().err
     assert "pip install cdkernels[attacks]" in err and len(err.strip().splitlines()) == 1
+
+
+def test_external_attack_keeps_eval_mode_and_batchnorm_statistics():
+    """torchattacks calls .train() after an attack on a module that was training before it;
+    a fresh wrapper module is, so the cross-check used to leave the model in training mode:
+    its adversarial predictions then used batch statistics and moved the BatchNorm running
+    statistics. The model must come back in the mode it had, with its statistics untouched."""
+    pytest.importorskip("torchattacks")
+    torch.manual_seed(0)
+    net = R.PixelModel(nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(),
+                                     nn.Flatten(), nn.Linear(4 * 6 * 6, 3))).eval()
+    bn = net.model[1]
+    bn.running_mean.uniform_(-0.5, 0.5)
+    bn.running_var.uniform_(0.5, 2.0)
+    before = (bn.running_mean.clone(), bn.running_var.clone())
+    x, y = torch.rand(16, 1, 8, 8), torch.randint(0, 3, (16,))
+    xa = R.external_attack("apgd", net, x, y, eps=0.05, steps=3)
+    assert not net.training and not bn.training
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    assert (xa - x).abs().max() <= 0.05 + 1e-6
+    res = R.evaluate_attack(net, [(x, y)], "apgd", eps=0.05, steps=3, random_baseline=False,
+                            grad_check=False)
+    assert not net.training
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    # the robust count uses the eval-mode network: recompute it from the returned accuracy
+    assert res["robust_acc"] <= res["natural_acc"]
+    net.train()  # and a training-mode caller gets training mode back
+    R.external_attack("apgd", net, x, y, eps=0.05, steps=1)
+    assert net.training
