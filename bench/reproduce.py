@@ -309,7 +309,7 @@ def tables(cfg, arms, seeds, summaries, evals) -> str:
               "(mean; min–max) | best epoch | train min |", "|---|---|---|---|---|---|---|"]
     for a in arms:
         ok = [evals[(a, s)]["natural"]["natural_ok"] for s in seeds]
-        d = "—" if a == "none" else _diff(
+        d = "—" if a == "none" or "none" not in arms else _diff(
             ok, [evals[("none", s)]["natural"]["natural_ok"] for s in seeds])
         sm = [summaries[(a, s)] for s in seeds]
         off = sum(s["test_acc_noise_off_at_best_val"] for s in sm) / len(sm)

@@ -39,3 +39,8 @@ def test_quick_protocol_and_cache(tmp_path):
     out = _run(work, md)
     assert out.count("cached:") == 3 and "now: eval none seed 0" in out
     assert "now: train" not in out
+    # one arm without the noise-free one (how parallel processes split the arms) still makes
+    # its table, without the paired columns
+    out = _run(work, md, "--arms", "std0.1")
+    assert "now: train" not in out and "now: eval" not in out
+    assert "std coef 0.1" in open(md).read()
