@@ -299,18 +299,4 @@ CDK_HD Normals8 keyed_normals16(const PhiloxKeys& K, uint64_t block, uint32_t sa
   return words_to_normals16(keyed_words(K, block, sample));
 }
 
-// float32 -> bfloat16 -> float32, round to nearest even (NaN stays NaN), on the bits: the
-// 16-bit stream's element widened back, identical on every build.
-CDK_HD float round_to_bf16(float v) {
-  uint32_t b;
-#if defined(__CUDACC__) && defined(__CUDA_ARCH__)
-  b = __float_as_uint(v);
-#else
-  __builtin_memcpy(&b, &v, 4);
-#endif
-  if ((b & 0x7FFFFFFFu) > 0x7F800000u) return v;  // NaN
-  b = (b + 0x7FFFu + ((b >> 16) & 1u)) & 0xFFFF0000u;
-  return bits_to_float(b);
-}
-
 }  // namespace cdk

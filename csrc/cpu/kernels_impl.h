@@ -61,8 +61,9 @@ static void gen_normals(float* __restrict out, uint64_t seed, uint64_t block0, i
   if (first < nb) normals_run(out + 4 * first, 0u, hi + 1u, sample, k0, k1, nb - first);
 }
 
-// The 16-bit stream (docs/noise.md 3b): eight normals per block, rounded to D's dtype and
-// widened back, for blocks (lo0 + i, hi), i < nb (no wrap inside, as normals_run).
+// The 16-bit stream (docs/noise.md 3b): the eight float32 normals per block, before the
+// rounding to the dtype (gen_normals16 does it), for blocks (lo0 + i, hi), i < nb (no wrap
+// inside, as normals_run).
 static void normals16_run(float* __restrict out, uint32_t lo0, uint32_t hi, uint32_t sample,
                           uint32_t k0, uint32_t k1, int nb) {
   for (int i = 0; i < nb; ++i) {
