@@ -13,32 +13,45 @@
 #else
 #define CDK_X86_CLONES 0
 #endif
+#if CDK_X86_CLONES
+#include <immintrin.h>  // the clones' Philox rounds (kernels_impl.h: philox_soa)
+#endif
 
 // ---- the clones -------------------------------------------------------------------------------
 #define CDK_ISA_NS isa_baseline
 #define CDK_ISA_NAME "baseline"
+#define CDK_ISA_LEVEL 0
 #include "cpu/kernels_impl.h"
 #undef CDK_ISA_NS
 #undef CDK_ISA_NAME
+#undef CDK_ISA_LEVEL
 
 #if CDK_X86_CLONES
+// GCC 12's AVX-512 intrinsic headers trip its own -Wmaybe-uninitialized (_mm512_undefined_*)
+#pragma GCC diagnostic push
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define CDK_ISA_NS isa_avx2
 #define CDK_ISA_NAME "avx2"
+#define CDK_ISA_LEVEL 1
 #include "cpu/kernels_impl.h"
 #undef CDK_ISA_NS
 #undef CDK_ISA_NAME
+#undef CDK_ISA_LEVEL
 #pragma GCC pop_options
 
 #pragma GCC push_options
 #pragma GCC target("avx2,fma,avx512f,avx512bw,avx512dq,avx512vl,prefer-vector-width=512")
 #define CDK_ISA_NS isa_avx512
 #define CDK_ISA_NAME "avx512"
+#define CDK_ISA_LEVEL 2
 #include "cpu/kernels_impl.h"
 #undef CDK_ISA_NS
 #undef CDK_ISA_NAME
+#undef CDK_ISA_LEVEL
 #pragma GCC pop_options
+#pragma GCC diagnostic pop
 #endif
 
 namespace cdk_cpu {

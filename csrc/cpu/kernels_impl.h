@@ -21,27 +21,132 @@ using namespace cdk_cpu;
 constexpr int TILE = 512;
 
 // -- noise ------------------------------------------------------------------------------------
+// Philox words of blocks (lo0 + i, hi, sample, 0), i < nb, in structure-of-arrays form:
+// w[j][i] is word j of block lo0 + i (the caller guarantees lo0 + nb - 1 does not wrap, and
+// nb <= PHILOX_SOA). GCC vectorises the scalar round's 32x32->64 multiply by widening every lane
+// to 64 bits and using vpmullq (3 uops, 15 cycles latency on AVX-512) or a 64-bit multiply
+// emulation (AVX2), which made the rounds cost more than Box-Muller. Here the clones multiply
+// even and odd lanes with vpmuludq (one uop each) and blend the halves back; integer
+// arithmetic, so the words are bit-identical to cdk::philox4x32_10 (tests/test_noise.py).
+constexpr int PHILOX_SOA = 128;
+
+#if CDK_ISA_LEVEL == 2
+// hi and lo 32-bit halves of m * c for 16 lanes.
+static inline __attribute__((always_inline)) void mulhilo16(__m512i m, __m512i c, __m512i* hi,
+                                                            __m512i* lo) {
+  const __m512i pe = _mm512_mul_epu32(c, m);                         // even lanes, 64-bit
+  const __m512i po = _mm512_mul_epu32(_mm512_srli_epi64(c, 32), m);  // odd lanes, 64-bit
+  *hi = _mm512_mask_blend_epi32((__mmask16)0xAAAA, _mm512_srli_epi64(pe, 32), po);
+  *lo = _mm512_mask_blend_epi32((__mmask16)0xAAAA, pe, _mm512_slli_epi64(po, 32));
+}
+#elif CDK_ISA_LEVEL == 1
+static inline __attribute__((always_inline)) void mulhilo8(__m256i m, __m256i c, __m256i* hi,
+                                                           __m256i* lo) {
+  const __m256i pe = _mm256_mul_epu32(c, m);
+  const __m256i po = _mm256_mul_epu32(_mm256_srli_epi64(c, 32), m);
+  *hi = _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
+  *lo = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
+}
+#endif
+
+static void philox_soa(uint32_t (*__restrict w)[PHILOX_SOA], uint32_t lo0, uint32_t hi,
+                       uint32_t sample, uint32_t k0, uint32_t k1, int nb) {
+  int i = 0;
+#if CDK_ISA_LEVEL == 2
+  {
+    const __m512i M0 = _mm512_set1_epi32((int)0xD2511F53u), M1 = _mm512_set1_epi32((int)0xCD9E8D57u);
+    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    for (; i + 16 <= nb; i += 16) {
+      __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32((int)(lo0 + (uint32_t)i)), lane);
+      __m512i c1 = _mm512_set1_epi32((int)hi), c2 = _mm512_set1_epi32((int)sample);
+      __m512i c3 = _mm512_setzero_si512();
+      uint32_t a = k0, b = k1;
+      for (int r = 0; r < 10; ++r) {
+        __m512i hi0, lo0v, hi1, lo1;
+        mulhilo16(M0, c0, &hi0, &lo0v);
+        mulhilo16(M1, c2, &hi1, &lo1);
+        c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32((int)a));
+        c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32((int)b));
+        c1 = lo1;
+        c3 = lo0v;
+        a += 0x9E3779B9u;
+        b += 0xBB67AE85u;
+      }
+      _mm512_store_si512((void*)(w[0] + i), c0);
+      _mm512_store_si512((void*)(w[1] + i), c1);
+      _mm512_store_si512((void*)(w[2] + i), c2);
+      _mm512_store_si512((void*)(w[3] + i), c3);
+    }
+  }
+#elif CDK_ISA_LEVEL == 1
+  {
+    const __m256i M0 = _mm256_set1_epi32((int)0xD2511F53u), M1 = _mm256_set1_epi32((int)0xCD9E8D57u);
+    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    for (; i + 8 <= nb; i += 8) {
+      __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32((int)(lo0 + (uint32_t)i)), lane);
+      __m256i c1 = _mm256_set1_epi32((int)hi), c2 = _mm256_set1_epi32((int)sample);
+      __m256i c3 = _mm256_setzero_si256();
+      uint32_t a = k0, b = k1;
+      for (int r = 0; r < 10; ++r) {
+        __m256i hi0, lo0v, hi1, lo1;
+        mulhilo8(M0, c0, &hi0, &lo0v);
+        mulhilo8(M1, c2, &hi1, &lo1);
+        c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32((int)a));
+        c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32((int)b));
+        c1 = lo1;
+        c3 = lo0v;
+        a += 0x9E3779B9u;
+        b += 0xBB67AE85u;
+      }
+      _mm256_store_si256((__m256i*)(w[0] + i), c0);
+      _mm256_store_si256((__m256i*)(w[1] + i), c1);
+      _mm256_store_si256((__m256i*)(w[2] + i), c2);
+      _mm256_store_si256((__m256i*)(w[3] + i), c3);
+    }
+  }
+#endif
+  for (; i < nb; ++i) {
+    const cdk::Words4 v = cdk::philox4x32_10(lo0 + (uint32_t)i, hi, sample, 0u, k0, k1);
+    w[0][i] = v.w0;
+    w[1][i] = v.w1;
+    w[2][i] = v.w2;
+    w[3][i] = v.w3;
+  }
+}
+
 // Blocks (lo0 + i, hi) for i < nb: the caller guarantees lo0 + nb - 1 does not wrap.
 static void normals_run(float* __restrict out, uint32_t lo0, uint32_t hi, uint32_t sample,
                         uint32_t k0, uint32_t k1, int nb) {
-  for (int i = 0; i < nb; ++i) {
-    const cdk::Normals4 n =
-        cdk::words_to_normals(cdk::philox4x32_10(lo0 + (uint32_t)i, hi, sample, 0u, k0, k1));
-    out[4 * i + 0] = n.n0;
-    out[4 * i + 1] = n.n1;
-    out[4 * i + 2] = n.n2;
-    out[4 * i + 3] = n.n3;
+  alignas(64) uint32_t w[4][PHILOX_SOA];
+  for (int i0 = 0; i0 < nb; i0 += PHILOX_SOA) {
+    const int m = nb - i0 < PHILOX_SOA ? nb - i0 : PHILOX_SOA;
+    philox_soa(w, lo0 + (uint32_t)i0, hi, sample, k0, k1, m);
+    float* o = out + 4 * i0;
+    for (int i = 0; i < m; ++i) {
+      float n0, n1, n2, n3;
+      cdk::box_muller(w[0][i], w[1][i], &n0, &n1);
+      cdk::box_muller(w[2][i], w[3][i], &n2, &n3);
+      o[4 * i + 0] = n0;
+      o[4 * i + 1] = n1;
+      o[4 * i + 2] = n2;
+      o[4 * i + 3] = n3;
+    }
   }
 }
 
 static void words_run(uint32_t* __restrict out, uint32_t lo0, uint32_t hi, uint32_t sample,
                       uint32_t k0, uint32_t k1, int nb) {
-  for (int i = 0; i < nb; ++i) {
-    const cdk::Words4 w = cdk::philox4x32_10(lo0 + (uint32_t)i, hi, sample, 0u, k0, k1);
-    out[4 * i + 0] = w.w0;
-    out[4 * i + 1] = w.w1;
-    out[4 * i + 2] = w.w2;
-    out[4 * i + 3] = w.w3;
+  alignas(64) uint32_t w[4][PHILOX_SOA];
+  for (int i0 = 0; i0 < nb; i0 += PHILOX_SOA) {
+    const int m = nb - i0 < PHILOX_SOA ? nb - i0 : PHILOX_SOA;
+    philox_soa(w, lo0 + (uint32_t)i0, hi, sample, k0, k1, m);
+    uint32_t* o = out + 4 * i0;
+    for (int i = 0; i < m; ++i) {
+      o[4 * i + 0] = w[0][i];
+      o[4 * i + 1] = w[1][i];
+      o[4 * i + 2] = w[2][i];
+      o[4 * i + 3] = w[3][i];
+    }
   }
 }
 
@@ -66,10 +171,26 @@ static void gen_normals(float* __restrict out, uint64_t seed, uint64_t block0, i
 // inside, as normals_run).
 static void normals16_run(float* __restrict out, uint32_t lo0, uint32_t hi, uint32_t sample,
                           uint32_t k0, uint32_t k1, int nb) {
-  for (int i = 0; i < nb; ++i) {
-    const cdk::Normals8 n =
-        cdk::words_to_normals16(cdk::philox4x32_10(lo0 + (uint32_t)i, hi, sample, 0u, k0, k1));
-    for (int j = 0; j < 8; ++j) out[8 * i + j] = n.n[j];
+  alignas(64) uint32_t w[4][PHILOX_SOA];
+  for (int i0 = 0; i0 < nb; i0 += PHILOX_SOA) {
+    const int m = nb - i0 < PHILOX_SOA ? nb - i0 : PHILOX_SOA;
+    philox_soa(w, lo0 + (uint32_t)i0, hi, sample, k0, k1, m);
+    float* o = out + 8 * i0;
+    for (int i = 0; i < m; ++i) {  // written out (a j loop here stayed scalar)
+      float n[8];
+      cdk::word_to_normals16(w[0][i], &n[0], &n[1]);
+      cdk::word_to_normals16(w[1][i], &n[2], &n[3]);
+      cdk::word_to_normals16(w[2][i], &n[4], &n[5]);
+      cdk::word_to_normals16(w[3][i], &n[6], &n[7]);
+      o[8 * i + 0] = n[0];
+      o[8 * i + 1] = n[1];
+      o[8 * i + 2] = n[2];
+      o[8 * i + 3] = n[3];
+      o[8 * i + 4] = n[4];
+      o[8 * i + 5] = n[5];
+      o[8 * i + 6] = n[6];
+      o[8 * i + 7] = n[7];
+    }
   }
 }
 
