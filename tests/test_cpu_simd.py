@@ -118,3 +118,24 @@ def test_ops_bitwise_equal_to_baseline(level, dtype):
     for a, b in zip(got, base):
         assert a.dtype == b.dtype
         assert torch.equal(a, b), level
+
+
+@pytest.mark.parametrize("level", _levels(), indirect=True)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("C", [1, 15, 16, 17, 100, 1000])
+def test_ensemble_mean_every_level_against_float64(level, dtype, C):
+    """ensemble_mean's forward uses fused multiply-adds in the AVX2/AVX-512 clones (its exp is
+    not part of the noise spec), so levels agree to rounding, not bit for bit: each one is
+    checked against float64, for row lengths around the 16-lane vector (masked tail)."""
+    import math
+    K, B = 3, 5
+    g = torch.Generator().manual_seed(C)
+    z = (4 * torch.randn(K, B, C, generator=g)).to(dtype)
+    zd = z.double()
+    want = {"prob": torch.softmax(zd, -1).mean(0), "logit": zd.mean(0),
+            "logprob": torch.logsumexp(torch.log_softmax(zd, -1), 0) - math.log(K)}
+    tol = 2e-6 if dtype == torch.float32 else (1e-3 if dtype == torch.float16 else 8e-3)
+    for space, ref in want.items():
+        out = cdkernels.ensemble_mean(z, replicas=K, space=space, backend="cpu")
+        assert out.dtype == dtype
+        torch.testing.assert_close(out.double(), ref, rtol=tol, atol=tol)

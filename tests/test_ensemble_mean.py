@@ -63,6 +63,22 @@ def test_extreme_logits_do_not_overflow(native, space):
                                rtol=1e-5, atol=1e-2)
 
 
+def test_logprob_accurate_on_both_sides_of_the_direct_route(native):
+    """The CPU kernel takes log(sum_k p_k) directly when every summed probability is at least
+    2^-100 and the log-sum-exp route otherwise. Rows whose smallest probability sits just above
+    and just below that (logit gaps 60..95) must both match float64 to float32 accuracy."""
+    name, dev = native
+    rows = []
+    for gap in (60.0, 68.0, 69.5, 70.0, 71.0, 75.0, 87.0, 95.0):
+        rows.append([0.0, -gap, -gap / 2, 1.0] + [-3.0] * 13)  # C = 17: one padded lane group
+    z = torch.tensor(rows).unsqueeze(0).repeat(2, 1, 1)
+    z[1] += torch.linspace(-0.5, 0.5, 17)
+    out = cdkernels.ensemble_mean(z.to(dev), replicas=2, space="logprob", backend=name).cpu()
+    want = _plain(z, 2, "logprob")
+    assert torch.isfinite(out).all()
+    torch.testing.assert_close(out.double(), want, rtol=2e-6, atol=2e-5)
+
+
 @pytest.mark.parametrize("space", SPACES)
 def test_gradcheck_and_opcheck(space):
     z = torch.randn(3 * 4, 6, dtype=torch.float64, requires_grad=True)

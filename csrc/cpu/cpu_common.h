@@ -252,7 +252,7 @@ struct EnsArgs {
 
 // Signatures of the per-ISA kernels. Element ranges [begin, end) start at a multiple of 4.
 // `acc` is a per-thread double[C] that grad_sigma sums are added to; `scratch` is per-thread
-// float storage of at least 4*C + K floats (ensemble).
+// float storage of at least 5*Cp + K floats, Cp = C rounded up to 16 (ensemble).
 struct KernelTable {
   const char* name;
   void (*philox_words)(int32_t* out, int64_t b0, int64_t b1, uint64_t seed, uint64_t offset,

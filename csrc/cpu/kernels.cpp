@@ -18,6 +18,9 @@
 #endif
 
 // ---- the clones -------------------------------------------------------------------------------
+// kernels_impl.h's 16-float vector helpers are always_inline: the "vector return changes the
+// ABI" note GCC gives for them in the narrower clones concerns calls that never exist.
+#pragma GCC diagnostic ignored "-Wpsabi"
 #define CDK_ISA_NS isa_baseline
 #define CDK_ISA_NAME "baseline"
 #define CDK_ISA_LEVEL 0
@@ -288,14 +291,15 @@ void z_std_bwd(const PointArgs& a, int64_t n, int nthreads) {
                [&](int, int64_t b0, int64_t b1) { k.z_std_bwd(a, b0, b1); });
 }
 
-// Rows b of the ensemble split over threads, each with its own float scratch of 5*C + K + 16.
+// Rows b of the ensemble split over threads, each with its own float scratch of 5*Cp + K + 16 (Cp = C rounded up to 16).
 template <class RowFn>
 static void ensemble_rows(const EnsArgs& a, int nthreads, RowFn&& rows) {
   Split sp = threads_for(3.0 * (double)a.K * (double)a.B * (double)a.C, nthreads);
   const int64_t Bmax = a.B > 0 ? a.B : 1;
   if (sp.tasks > Bmax) sp.tasks = (int)Bmax;
   if (sp.threads > sp.tasks) sp.threads = sp.tasks;
-  const size_t per = (size_t)(5 * a.C + a.K + 16);
+  const int64_t Cp = (a.C + 15) & ~(int64_t)15;  // rows padded to whole 16-lane vectors
+  const size_t per = (size_t)(5 * Cp + a.K + 16);
   std::vector<float> scratch(per * (size_t)sp.tasks);  // here: bad_alloc reaches Python
   parallel_for(a.B, 1, sp, [&](int t, int64_t b0, int64_t b1) {
     rows(b0, b1, scratch.data() + per * (size_t)t);

@@ -576,30 +576,6 @@ static inline float row_lse(const float* __restrict z, int64_t C) {
   return m + log_f(s);
 }
 
-// acc[c] += softmax(z)[c] with one exp per element: z is overwritten with exp(z - max), then
-// scaled by 1/sum (a separate log-sum-exp pass would cost a second exp per element).
-static inline void add_softmax(float* __restrict z, float* __restrict acc, int64_t C) {
-  const float m = row_max(z, C);
-  float sp[16];
-  for (int j = 0; j < 16; ++j) sp[j] = 0.0f;
-  int64_t c = 0;
-  for (; c + 16 <= C; c += 16)
-    for (int j = 0; j < 16; ++j) {
-      const float e = exp_f(z[c + j] - m);
-      z[c + j] = e;
-      sp[j] += e;
-    }
-  float s = 0.0f;
-  for (int j = 0; j < 16; ++j) s += sp[j];
-  for (; c < C; ++c) {
-    const float e = exp_f(z[c] - m);
-    z[c] = e;
-    s += e;
-  }
-  const float inv = 1.0f / s;
-  for (c = 0; c < C; ++c) acc[c] += z[c] * inv;
-}
-
 static inline float dot_f(const float* __restrict a, const float* __restrict b, int64_t C) {
   float sp[16];
   for (int j = 0; j < 16; ++j) sp[j] = 0.0f;
@@ -643,34 +619,182 @@ static void logprob_row(const typename D::T* inp, int64_t b, int64_t K, int64_t 
   }
 }
 
-// scratch: 5*C + K floats
+// Rows are processed as whole 16-lane vectors, the last one padded with -inf (softmax weight
+// exactly 0) in registers: a C = 100 row spent about 40 % of its time in a scalar 4-element
+// tail. Scratch rows are Cp = C rounded up to 16 long.
+static inline int64_t padded16(int64_t C) { return (C + 15) & ~(int64_t)15; }
+
+// The softmax of a padded row in GCC vector types (16 floats: one zmm in the AVX-512 clone,
+// two ymm in AVX2, four xmm in baseline): loops written with scalar partial arrays spilled the
+// partial maxima and sums through the stack (store-forwarding stalls) at every row.
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
+static inline __attribute__((always_inline)) v16f ld16(const float* p) {
+  v16f v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+static inline __attribute__((always_inline)) void st16(float* p, v16f v) { memcpy(p, &v, sizeof v); }
+static inline __attribute__((always_inline)) v16f splat16(float x) { return v16f{} + x; }
+static inline __attribute__((always_inline)) v16f vmax16(v16f a, v16f b) { return a > b ? a : b; }
+
+static inline __attribute__((always_inline)) float hmax16(v16f v) {
+  const v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const v8f b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v8f m8 = a > b ? a : b;
+  const v4f c = __builtin_shufflevector(m8, m8, 0, 1, 2, 3);
+  const v4f d = __builtin_shufflevector(m8, m8, 4, 5, 6, 7);
+  const v4f m4 = c > d ? c : d;
+  const float x = m4[0] > m4[1] ? m4[0] : m4[1], y = m4[2] > m4[3] ? m4[2] : m4[3];
+  return x > y ? x : y;
+}
+static inline __attribute__((always_inline)) float hsum16(v16f v) {
+  const v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4f c = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (c[0] + c[1]) + (c[2] + c[3]);
+}
+
+// exp(x) for x <= 0 (a logit minus its row maximum), ~2 ulp; below -87.3 it is 0, nan stays nan.
+// Not part of the noise spec, so the AVX2/AVX-512 clones may use fused multiply-adds (about
+// half the instructions of exp_f, which is written for -ffp-contract=off).
+static inline __attribute__((always_inline)) v16f vfma16(v16f a, v16f b, v16f c) {
+#if CDK_ISA_LEVEL >= 1
+  v16f r;
+  for (int j = 0; j < 16; ++j) r[j] = __builtin_fmaf(a[j], b[j], c[j]);
+  return r;
+#else
+  return a * b + c;
+#endif
+}
+
+static inline __attribute__((always_inline)) v16f exp_nonpos16(v16f xin) {
+  const v16f lo = splat16(-87.33654f);
+  const v16f x = xin < lo ? lo : xin;
+  const v16f shifter = splat16(12582912.0f);  // 1.5 * 2^23: round to nearest integer
+  const v16f n = vfma16(x, splat16(1.44269504088896341f), shifter) - shifter;
+  v16f r = vfma16(n, splat16(-6.93145751953125e-1f), x);
+  r = vfma16(n, splat16(-1.42860682030941723212e-6f), r);
+  v16f p = splat16(1.9875691500e-4f);
+  p = vfma16(p, r, splat16(1.3981999507e-3f));
+  p = vfma16(p, r, splat16(8.3334519073e-3f));
+  p = vfma16(p, r, splat16(4.1665795894e-2f));
+  p = vfma16(p, r, splat16(1.6666665459e-1f));
+  p = vfma16(p, r, splat16(5.0000001201e-1f));
+  p = vfma16(p, r * r, r) + splat16(1.0f);
+  const v16i ni = __builtin_convertvector(n, v16i);  // n in [-126, 0]: exact
+  const v16f scale = (v16f)((ni + 127) << 23);
+  const v16f e = p * scale;
+  return xin < lo ? v16f{} : e;
+}
+
+// 16 elements of a row starting at src (only the first `len` < 16 when len is given; the other
+// lanes are -inf, whose softmax weight is exactly 0), widened to float32 in registers. Rows are
+// read in place: copying them to a scratch row first cost a store-forwarding stall on every
+// vector load of the copy (memmove and scalar pad stores, then 64-byte loads).
+template <class D>
+static inline __attribute__((always_inline)) v16f row16(const typename D::T* __restrict src) {
+  if (D::SIXTEEN) {
+    v16f r;
+    for (int j = 0; j < 16; ++j) r[j] = D::ld(src, j);
+    return r;
+  }
+  return ld16(reinterpret_cast<const float*>(src));
+}
+
+template <class D>
+static inline v16f row16_tail(const typename D::T* __restrict src, int len) {
+#if CDK_ISA_LEVEL == 2
+  if (!D::SIXTEEN)
+    return (v16f)_mm512_mask_loadu_ps(_mm512_set1_ps(-__builtin_inff()),
+                                      (__mmask16)((1u << len) - 1u), src);
+#endif
+  v16f r = splat16(-__builtin_inff());
+  for (int j = 0; j < len; ++j) r[j] = D::ld(src, j);
+  return r;
+}
+
+// acc[0..Cp) += softmax(row)[c] (Cp = C rounded up to 16; the padded lanes add 0), one exp per
+// element; e is a [Cp] scratch row.
+template <class D>
+static inline void add_softmax_row(const typename D::T* __restrict row, int64_t C,
+                                   float* __restrict e, float* __restrict acc) {
+  const int64_t full = C & ~(int64_t)15;
+  const int tail = (int)(C - full);
+  v16f mv = splat16(-__builtin_inff());
+  for (int64_t c = 0; c < full; c += 16) mv = vmax16(mv, row16<D>(row + c));
+  const v16f t = tail ? row16_tail<D>(row + full, tail) : mv;
+  const v16f m = splat16(hmax16(vmax16(mv, t)));
+  v16f sv = v16f{};
+  for (int64_t c = 0; c < full; c += 16) {
+    const v16f v = exp_nonpos16(row16<D>(row + c) - m);
+    st16(e + c, v);
+    sv += v;
+  }
+  if (tail) {
+    const v16f v = exp_nonpos16(t - m);
+    st16(e + full, v);
+    sv += v;
+  }
+  const v16f inv = splat16(1.0f / hsum16(sv));
+  const int64_t Cp = full + (tail ? 16 : 0);
+  for (int64_t c = 0; c < Cp; c += 16) st16(acc + c, ld16(acc + c) + ld16(e + c) * inv);
+}
+
+// Smallest mean probability (times K) whose log the one-pass logprob takes directly: above it
+// the float32 probabilities are normal numbers with full relative precision; below it (logits
+// spread by more than ~70 in every replica) the row takes the log-sum-exp route.
+constexpr float kLogprobDirectMin = 7.8886090522101181e-31f;  // 2^-100
+
+// scratch: 5*Cp + K floats (Cp = padded16(C))
 template <class D>
 static void ens_fwd_t(const EnsArgs& a, int64_t b0, int64_t b1, float* scratch) {
   using T = typename D::T;
-  const int64_t K = a.K, B = a.B, C = a.C;
+  const int64_t K = a.K, B = a.B, C = a.C, Cp = padded16(C);
   const T* inp = static_cast<const T*>(a.inp);
   T* out = static_cast<T*>(a.out);
-  float* __restrict z = scratch;
-  float* __restrict acc = z + C;
-  float* __restrict mx = acc + C;
-  float* __restrict lse = mx + C;
   const float Kf = (float)K;
+  if (a.space == kLogit) {
+    // mean over k of the rows b0..b1 as one flat range: whole vectors, no per-row overhead
+    constexpr int64_t CH = 1024;
+    alignas(64) float acc[CH];
+    const int64_t j0 = b0 * C, j1 = b1 * C;
+    for (int64_t j = j0; j < j1; j += CH) {
+      const int64_t n = j1 - j < CH ? j1 - j : CH;
+      const T* r0 = inp + j;
+      for (int64_t i = 0; i < n; ++i) acc[i] = D::ld(r0, i);
+      for (int64_t k = 1; k < K; ++k) {
+        const T* r = inp + k * B * C + j;
+        for (int64_t i = 0; i < n; ++i) acc[i] += D::ld(r, i);
+      }
+      T* o = out + j;
+      for (int64_t i = 0; i < n; ++i) D::st(o, i, acc[i] / Kf);
+    }
+    return;
+  }
+  float* __restrict z = scratch;
+  float* __restrict acc = z + Cp;
+  float* __restrict mx = acc + Cp;
+  float* __restrict lse = mx + Cp;
+  const float logK = (float)__builtin_log((double)K);
   for (int64_t b = b0; b < b1; ++b) {
     T* o = out + b * C;
-    for (int64_t c = 0; c < C; ++c) acc[c] = 0.0f;
-    if (a.space == kLogit) {
-      for (int64_t k = 0; k < K; ++k) {
-        const T* row = inp + (k * B + b) * C;
-        for (int64_t c = 0; c < C; ++c) acc[c] += D::ld(row, c);
-      }
+    for (int64_t c = 0; c < Cp; ++c) acc[c] = 0.0f;
+    for (int64_t k = 0; k < K; ++k) add_softmax_row<D>(inp + (k * B + b) * C, C, z, acc);
+    if (a.space == kProb) {
       for (int64_t c = 0; c < C; ++c) D::st(o, c, acc[c] / Kf);
-    } else if (a.space == kProb) {
-      for (int64_t k = 0; k < K; ++k) {
-        load_row<D>(z, inp + (k * B + b) * C, C);
-        add_softmax(z, acc, C);
-      }
-      for (int64_t c = 0; c < C; ++c) D::st(o, c, acc[c] / Kf);
-    } else {  // logprob
+      continue;
+    }
+    // logprob: log of the summed probabilities when every one is a normal float (one exp
+    // per element, as prob), else the two-pass log-sum-exp over k for this row.
+    float amin = __builtin_inff();
+    for (int64_t c = 0; c < C; ++c) amin = acc[c] < amin ? acc[c] : amin;
+    if (amin >= kLogprobDirectMin) {  // false for nan too
+      for (int64_t c = 0; c < C; ++c) D::st(o, c, log_f(acc[c]) - logK);
+    } else {
       logprob_row<D>(inp, b, K, B, C, z, mx, acc, lse, acc);
       for (int64_t c = 0; c < C; ++c) D::st(o, c, acc[c]);
     }

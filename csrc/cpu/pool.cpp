@@ -4,6 +4,7 @@
 #include <unistd.h>
 
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <mutex>
 #include <thread>
@@ -34,6 +35,8 @@ struct Pool {
   // worker that woke late for an old job can never claim a task of the next one.
   std::atomic<uint64_t> claim{0};
   std::atomic<int> remaining{0};  // tasks of the current job not finished yet
+  std::atomic<uint64_t> published{0};  // `generation`, for workers spinning without m
+  int sleepers = 0;                    // workers parked on `wake` (under m)
 
   void drain(uint32_t gen, const std::function<void(int)>* fn, int n) {
     for (;;) {
@@ -53,15 +56,36 @@ struct Pool {
     }
   }
 
+  // After a job, a worker spins for kSpin before it parks on the condition variable: back-to-back
+  // small ops (a network's layers, the benchmark's loops) then find it awake, as OpenMP's
+  // spinning workers are for eager PyTorch. Waking a parked worker costs a futex call and 5-50 us
+  // of scheduling, which made two threads slower than one below ~100 us of work.
+  static constexpr std::chrono::microseconds kSpin{200};
+
+  template <class Done>
+  static bool spin_until(Done&& done, std::chrono::microseconds limit) {
+    const auto t0 = std::chrono::steady_clock::now();
+    for (int i = 1;; ++i) {
+      if (done()) return true;
+      CDK_PAUSE();
+      if ((i & 63) == 0 && std::chrono::steady_clock::now() - t0 > limit) return done();
+    }
+  }
+
   void worker(int id) {
     uint64_t seen = 0;
     for (;;) {
+      spin_until([&] { return published.load(std::memory_order_acquire) != seen; }, kSpin);
       const std::function<void(int)>* fn;
       int n;
       bool mine;
       {
         std::unique_lock<std::mutex> lk(m);
-        wake.wait(lk, [&] { return generation != seen; });
+        if (generation == seen) {
+          ++sleepers;
+          wake.wait(lk, [&] { return generation != seen; });
+          --sleepers;
+        }
         seen = generation;
         fn = task;
         n = ntasks;
@@ -87,6 +111,7 @@ struct Pool {
   void run(int n, int nthreads, const std::function<void(int)>& fn) {
     grow(nthreads - 1);
     uint32_t gen;
+    bool parked;
     {
       std::lock_guard<std::mutex> g(m);
       task = &fn;
@@ -95,15 +120,17 @@ struct Pool {
       gen = (uint32_t)++generation;
       remaining.store(n, std::memory_order_relaxed);
       claim.store((uint64_t)gen << 32, std::memory_order_release);
+      published.store(generation, std::memory_order_release);
+      parked = sleepers > 0;
     }
-    wake.notify_all();
+    if (parked) wake.notify_all();  // spinning workers see `published` without a syscall
     drain(gen, &fn, n);
-    // Short spin first (a few microseconds: small jobs finish about when the caller's share
-    // does), then sleep: on an oversubscribed machine spinning would steal the helpers' core.
-    for (int i = 0; i < 256 && remaining.load(std::memory_order_acquire) != 0; ++i) CDK_PAUSE();
-    if (remaining.load(std::memory_order_acquire) != 0) {
+    // Spin while the helpers finish (small jobs end about when the caller's share does), then
+    // sleep: on an oversubscribed machine spinning longer would steal the helpers' core.
+    auto finished = [&] { return remaining.load(std::memory_order_acquire) == 0; };
+    if (!spin_until(finished, std::chrono::microseconds{50})) {
       std::unique_lock<std::mutex> lk(m);
-      done.wait(lk, [&] { return remaining.load(std::memory_order_acquire) == 0; });
+      done.wait(lk, finished);
     }
   }
 };
