@@ -118,11 +118,12 @@ def _backward(ctx, grad_y):
     need_x, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
     need_sigma = sigma is not None and ctx.needs_input_grad[4]
     grad_x = grad_f = grad_sigma = None
-    if ctx.activation == "none" and not need_sigma:
-        # d/dx = identity, d/df = dt: no kernel, no noise needed.
-        grad_x = grad_y if need_x else None
-        grad_f = grad_y * ctx.dt if need_f else None
-        return grad_x, grad_f, None, None, None, None, None, None, None
+    if ctx.activation == "none":
+        # d/dx = identity, d/df = dt: no kernel writes for these (only grad_sigma needs one)
+        grad_x, grad_f = _identity_grads(grad_y, ctx.dt, need_x, need_f)
+        if not need_sigma:
+            return grad_x, grad_f, None, None, None, None, None, None, None
+        need_x = need_f = False
     gx, gf, gs = cd_step_backward_op(grad_y, y, ctx.dt, ctx.sigma_value, sigma, seed, ctx.offset,
                                      ctx.activation, ctx.backend, need_x or need_f, need_sigma)
     if need_x:
@@ -132,6 +133,15 @@ def _backward(ctx, grad_y):
     if need_sigma:
         grad_sigma = _sigma_grad(gs, ctx.sigma_shape, ctx.sigma_dtype)
     return grad_x, grad_f, None, None, grad_sigma, None, None, None, None
+
+
+def _identity_grads(grad_y, dt, need_x, need_f):
+    """(grad_x, grad_f) of x + dt*f + noise: grad_y itself and dt*grad_y (grad_y again when
+    dt == 1, as autograd does for x + f): no copies, at most one multiply."""
+    grad_f = None
+    if need_f:
+        grad_f = grad_y if dt == 1.0 else grad_y * dt
+    return (grad_y if need_x else None), grad_f
 
 
 def _sigma_grad(gs, shape, dtype):
@@ -188,13 +198,17 @@ class _CDStepFn(torch.autograd.Function):
         y, sigma, seed = ctx.saved_tensors
         need_x, need_f = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         need_sigma = sigma is not None and ctx.needs_input_grad[2]
-        if ctx.act == "none" and not need_sigma:
-            return grad_y if need_x else None, grad_y * ctx.dt if need_f else None, None, None
+        grad_x = grad_f = None
+        if ctx.act == "none":  # as _backward: identity grads, a kernel for grad_sigma only
+            grad_x, grad_f = _identity_grads(grad_y, ctx.dt, need_x, need_f)
+            if not need_sigma:
+                return grad_x, grad_f, None, None
+            need_x = need_f = False
         if seed is None:
             seed = torch.full((1,), ctx.seed_int, dtype=torch.int64)
         gx, gf, gs = _run_bwd(grad_y, y, ctx.dt, ctx.sigma_value, sigma, seed, 0, ctx.act,
                               ctx.be, need_x or need_f, need_sigma)
-        return (gx if need_x else None, gf if need_f else None,
+        return (gx if need_x else grad_x, gf if need_f else grad_f,
                 _sigma_grad(gs, ctx.sigma_shape, ctx.sigma_dtype) if need_sigma else None, None)
 
 

@@ -14,6 +14,7 @@
 #include <string>
 
 #include "cpu/kernels.h"
+#include "cpu/pool.h"
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -120,6 +121,14 @@ PYBIND11_MODULE(_C, m) {
           throw std::invalid_argument("cdkernels._C: SIMD level '" + name +
                                       "' is not compiled in or not supported by this CPU");
       }, "Switch the CPU SIMD level (testing only).");
+  m.def("cpu_threading", []() { return cpu_threading(); },
+        "Who runs the CPU kernels' helper threads: 'openmp (<runtime path>)' (torch's OpenMP "
+        "threads) or 'pool' (cdkernels' own persistent pool).");
+  m.def("_set_cpu_threading", [](const std::string& mode) {
+        if (!set_cpu_threading(mode))
+          throw std::invalid_argument("cdkernels._C: CPU threading mode must be 'auto', "
+                                      "'openmp' or 'pool', got '" + mode + "'");
+      }, "Switch the CPU threading mode (testing only).");
   m.def("cpu_simd_levels", []() { return simd_levels_supported(); },
         "The SIMD levels compiled in that this CPU supports.");
 

@@ -1,6 +1,10 @@
 // pool.cpp -- see pool.h.
 #include "cpu/pool.h"
 
+#include <dlfcn.h>
+#include <link.h>
+#include <stdlib.h>
+#include <string.h>
 #include <unistd.h>
 
 #include <atomic>
@@ -156,12 +160,116 @@ Pool* pool() {
   return p;
 }
 
+// -- the OpenMP runtime torch loaded ---------------------------------------------------------
+// GOMP_parallel(fn, data, num_threads, flags) is the entry point GCC emits for `#pragma omp
+// parallel`; libgomp, libiomp5 and libomp all export it. Only an already-loaded runtime is used
+// (RTLD_NOLOAD): loading a second one would start a second set of threads.
+using GompParallel = void (*)(void (*)(void*), void*, unsigned, unsigned);
+
+struct OmpRuntime {
+  GompParallel parallel = nullptr;
+  std::string path;
+};
+
+int find_omp(struct dl_phdr_info* info, size_t, void* data) {
+  const char* name = info->dlpi_name;
+  if (!name || !*name) return 0;
+  const char* slash = strrchr(name, '/');
+  const char* base = slash ? slash + 1 : name;
+  if (strncmp(base, "libgomp", 7) != 0 && strncmp(base, "libiomp5", 8) != 0 &&
+      strncmp(base, "libomp", 6) != 0)
+    return 0;
+  void* h = dlopen(name, RTLD_LAZY | RTLD_NOLOAD);
+  if (!h) return 0;
+  void* f = dlsym(h, "GOMP_parallel");
+  if (!f) {
+    dlclose(h);
+    return 0;
+  }
+  auto* rt = static_cast<OmpRuntime*>(data);
+  rt->parallel = reinterpret_cast<GompParallel>(f);
+  rt->path = name;
+  return 1;  // the handle stays open: the runtime is never unloaded under us
+}
+
+enum Mode : int { kAuto = 0, kOpenMP = 1, kPool = 2 };
+
+struct Threading {
+  std::mutex m;
+  bool searched = false;
+  OmpRuntime rt;
+  pid_t owner = 0;  // the process that found rt (a forked child must not use it)
+  std::atomic<int> mode{kAuto};
+
+  Threading() {
+    const char* env = getenv("CDK_CPU_THREADS");
+    if (env && strcmp(env, "pool") == 0) mode = kPool;
+    else if (env && strcmp(env, "openmp") == 0) mode = kOpenMP;
+  }
+
+  // The runtime to use now, or nullptr for the pool. Searched on first use (torch is imported
+  // before any op runs, so its runtime is loaded by then).
+  GompParallel runtime() {
+    if (mode.load(std::memory_order_relaxed) == kPool) return nullptr;
+    std::lock_guard<std::mutex> g(m);
+    if (!searched) {
+      searched = true;
+      dl_iterate_phdr(find_omp, &rt);
+      owner = getpid();
+    }
+    return owner == getpid() ? rt.parallel : nullptr;
+  }
+};
+
+Threading& threading() {
+  static Threading t;
+  return t;
+}
+
+struct OmpJob {
+  const std::function<void(int)>* task;
+  int ntasks;
+  std::atomic<int> next{0};
+};
+
+void omp_body(void* p) {
+  auto* job = static_cast<OmpJob*>(p);
+  for (;;) {
+    const int t = job->next.fetch_add(1, std::memory_order_relaxed);
+    if (t >= job->ntasks) return;
+    (*job->task)(t);
+  }
+}
+
 }  // namespace
+
+std::string cpu_threading() {
+  Threading& th = threading();
+  const GompParallel rt = th.runtime();
+  return rt ? "openmp (" + th.rt.path + ")" : "pool";
+}
+
+bool set_cpu_threading(const std::string& mode) {
+  if (mode == "auto") threading().mode = kAuto;
+  else if (mode == "openmp") threading().mode = kOpenMP;
+  else if (mode == "pool") threading().mode = kPool;
+  else return false;
+  return true;
+}
 
 void pool_run(int ntasks, int nthreads, const std::function<void(int)>& task) {
   if (ntasks <= 0) return;
   if (ntasks == 1 || nthreads <= 1) {
     for (int t = 0; t < ntasks; ++t) task(t);
+    return;
+  }
+  if (const GompParallel gomp_parallel = threading().runtime()) {
+    // the caller and (nthreads - 1) threads of the runtime's team pull tasks; GOMP_parallel
+    // returns after its closing barrier, when every task has finished
+    OmpJob job;
+    job.task = &task;
+    job.ntasks = ntasks;
+    gomp_parallel(omp_body, &job, (unsigned)(nthreads < ntasks ? nthreads : ntasks), 0u);
     return;
   }
   Pool* p = pool();

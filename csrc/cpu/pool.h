@@ -10,6 +10,7 @@
 #include <stdint.h>
 
 #include <functional>
+#include <string>
 
 namespace cdk_cpu {
 
@@ -21,5 +22,18 @@ void pool_run(int ntasks, int nthreads, const std::function<void(int)>& task);
 
 // Workers currently started (tests / diagnostics).
 int pool_size();
+
+// Who runs the helpers' share of a parallel job:
+//   "openmp": the OpenMP runtime torch already loaded (libgomp, libiomp5 or libomp, found among
+//     the loaded libraries and called through its GOMP_parallel entry point), so our kernels
+//     run on the same threads as torch's own CPU ops. Eager PyTorch leaves those threads
+//     spinning between ops; a second pool of ours then fought them for the same cores (in a
+//     training step a 65K-element cd_step took 190 us instead of 47).
+//   "pool": the persistent pool above (no OpenMP runtime loaded, or a forked child, whose
+//     inherited OpenMP state is unusable).
+// CDK_CPU_THREADS=auto (default) | openmp | pool picks; openmp falls back to pool when no runtime
+// is loaded. cpu_threading() names the current choice (with the runtime's path).
+std::string cpu_threading();
+bool set_cpu_threading(const std::string& mode);  // "auto" | "openmp" | "pool"; false: unknown
 
 }  // namespace cdk_cpu
