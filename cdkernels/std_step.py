@@ -46,6 +46,13 @@ def _sigma_eff(coef, stats, dt, dtype):
     return coef.detach().to(kd).reshape(-1) * (stats[1:2] / math.sqrt(dt)).to(kd)
 
 
+def _sigma_eff_host(coef, sd, dt, dtype):
+    """_sigma_eff for stats already on the host (CPU tensors: reading them is no sync): one
+    multiply instead of five small ops (~5 us each), the same float32 rounding."""
+    kd = torch.float64 if dtype == torch.float64 else torch.float32
+    return coef.detach().reshape(-1).to(kd) * (sd / math.sqrt(dt))
+
+
 def _std_fwd(x, f, dt, coef, seed, be):
     """(y, stats): stats float64 [2] = (mean, std) of z = x + dt*f."""
     stats = torch.empty(2, dtype=torch.float64, device=x.device)
@@ -54,7 +61,9 @@ def _std_fwd(x, f, dt, coef, seed, be):
         return torch.empty_like(x), stats
     xd, fd = _dense_pair(x, f)
     be.z_stats(_flat(xd), _flat(fd), dt, stats)
-    y = _run_fwd(xd, fd, dt, 0.0, _sigma_eff(coef, stats, dt, x.dtype), seed, 0, "none", be)
+    sig = (_sigma_eff_host(coef, stats.tolist()[1], dt, x.dtype) if x.is_cpu
+           else _sigma_eff(coef, stats, dt, x.dtype))
+    y = _run_fwd(xd, fd, dt, 0.0, sig, seed, 0, "none", be)
     return y, stats
 
 
@@ -67,6 +76,8 @@ def _std_bwd(grad_y, x, f, dt, coef, seed, stats, be, need_xf, need_coef):
                 if need_coef else None)
     xd, fd = _dense_pair(x, f)
     g = C.like(C.dense_input(grad_y), xd)
+    if x.is_cpu:
+        return _std_bwd_host(g, xd, fd, dt, coef, seed, stats, be, need_xf, need_coef)
     sig = _sigma_eff(coef, stats, dt, x.dtype)
     # gs[c] = sqrt(dt) * sum_{i in c} g_i eps_i = dL/dsigma_eff[c]
     _, _, gs = _run_bwd(g, None, dt, 0.0, sig, seed, 0, "none", be, False, True)
@@ -80,6 +91,32 @@ def _std_bwd(grad_y, x, f, dt, coef, seed, stats, be, need_xf, need_coef):
         coefs = torch.stack([stats[0], a, torch.zeros_like(a)])
         gx, gf = torch.empty_like(xd), torch.empty_like(xd)
         be.z_std_bwd(_flat(xd), _flat(fd), _flat(g), dt, coefs, _flat(gx), _flat(gf))
+    return gx, gf, grad_coef
+
+
+def _std_bwd_host(g, xd, fd, dt, coef, seed, stats, be, need_xf, need_coef):
+    """_std_bwd's arithmetic with the few scalars as Python floats (CPU: no sync to avoid), so
+    a small tensor's backward is two kernels and two small ops instead of about fifteen ops;
+    grad_f is grad_x itself when dt == 1."""
+    n = xd.numel()
+    mean, sd = stats.tolist()
+    inv = 1.0 / math.sqrt(dt)
+    _, _, gs = _run_bwd(g, None, dt, 0.0, _sigma_eff_host(coef, sd, dt, xd.dtype), seed, 0,
+                        "none", be, False, True)
+    grad_coef = gs * (sd * inv) if need_coef else None
+    gx = gf = None
+    if need_xf:
+        c = coef.detach().reshape(-1)
+        gsl = gs.tolist()
+        cl = c.tolist() if c.numel() == len(gsl) else c.tolist() * len(gsl)
+        gstd = math.fsum(a * b for a, b in zip(gsl, cl)) * inv
+        a = gstd / ((n - 1) * sd)
+        gx = torch.empty_like(xd)
+        gf = gx if dt == 1.0 else torch.empty_like(xd)
+        coefs = ((mean, a, 0.0) if be.name == "cpu"  # (the compiled backend takes floats)
+                 else torch.tensor([mean, a, 0.0], dtype=torch.float64))
+        be.z_std_bwd(_flat(xd), _flat(fd), _flat(g), dt, coefs, _flat(gx),
+                     None if gf is gx else _flat(gf))
     return gx, gf, grad_coef
 
 

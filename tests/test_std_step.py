@@ -88,10 +88,12 @@ def test_backend_z_stats_and_bwd_against_reference(native, dtype):
             torch.testing.assert_close(gf.cpu(), gf_r, **tol)
 
 
+@pytest.mark.parametrize("dt", [0.25, 1.0])
 @pytest.mark.parametrize("per_channel", [False, True])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_op_against_reference(native, per_channel, layout):
-    """y and all gradients of every native backend against the reference (float32)."""
+def test_op_against_reference(native, per_channel, layout, dt):
+    """y and all gradients of every native backend against the reference (float32); dt = 1
+    is the models' default, where grad_f is grad_x itself (no second write)."""
     name, dev = native
     x, f = _inputs((2, 3, 6, 5), device=dev, seed=3)
     g = torch.randn(2, 3, 6, 5).to(dev)
@@ -101,7 +103,7 @@ def test_op_against_reference(native, per_channel, layout):
 
     def run(backend, *ts):
         xs, fs, cs = (t.detach().clone().requires_grad_() for t in ts)
-        y = cdkernels.cd_std_step(xs, fs, 0.25, cs, seed=2024, backend=backend)
+        y = cdkernels.cd_std_step(xs, fs, dt, cs, seed=2024, backend=backend)
         y.backward(g.to(y.device))
         return y.detach(), xs.grad, fs.grad, cs.grad
 
@@ -111,6 +113,8 @@ def test_op_against_reference(native, per_channel, layout):
         assert a.stride() == b.stride() or a.dim() <= 1
         torch.testing.assert_close(a.cpu(), b, rtol=2e-5, atol=2e-5)
     assert got[3].abs().sum() > 0
+    if dt == 1.0:
+        torch.testing.assert_close(got[1], got[2], rtol=0, atol=0)
 
 
 def test_fast_path_equals_custom_op():
