@@ -114,8 +114,10 @@ CDK_HD float word_to_uniform(uint32_t w) {
 //     rounding; FFMA / std::fma), every other product and sum is rounded on its own
 //     (__fmul_rn / __fadd_rn: nvcc may not contract them). The emulator therefore validates
 //     exactly the GPU's arithmetic.
-//   CPU (g++ -ffp-contract=off): CDK_FMA is a product and a sum, two roundings, so the loops
-//     vectorise on any SIMD level without FMA hardware.
+//   CPU (g++ -ffp-contract=off): CDK_FMA is __builtin_fmaf, one rounding as on the GPU, so the
+//     CPU normals equal the CUDA build's bit for bit. The AVX2/AVX-512 clones turn it into FMA
+//     instructions (vectorised); the baseline clone calls the C library's fmaf (same bits,
+//     scalar and slow: only CPUs without AVX2 run it).
 // Both stay within the spec's 4 ulp of the float64 oracle (tests/test_noise.py,
 // tests/test_cuda_emulated.py).
 #if defined(__CUDA_ARCH__)
@@ -129,7 +131,7 @@ CDK_HD float word_to_uniform(uint32_t w) {
 #define CDK_ADD(a, b) ((a) + (b))
 #define CDK_SUB(a, b) ((a) - (b))
 #else
-#define CDK_FMA(a, b, c) ((a) * (b) + (c))
+#define CDK_FMA(a, b, c) __builtin_fmaf((a), (b), (c))
 #define CDK_MUL(a, b) ((a) * (b))
 #define CDK_ADD(a, b) ((a) + (b))
 #define CDK_SUB(a, b) ((a) - (b))

@@ -24,12 +24,14 @@ import pytest
 import torch
 from conftest import REQUIRED, TOL, ulp_distance
 
+import cdkernels
 from cdkernels.backends.reference import ReferenceBackend, stream_normals16
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CSRC = os.path.join(ROOT, "csrc")
 DRIVER = os.path.join(CSRC, "cuda", "emulate_driver.cuh")
 R = ReferenceBackend()
+CPU_OK = cdkernels.backends()["cpu"]["available"]
 
 DT = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
 ACT = {"none": 0, "relu": 1, "gelu": 2, "tanh": 3, "sigmoid": 4, "softplus": 5}
@@ -190,6 +192,10 @@ def test_noise(lib):
             lib.emu_normal(code, ptr(out), n, ptr(SEED), off, smp, CAP)
             ref = torch.zeros(n, dtype=dt)
             R.normal(ref, SEED, off, smp)
+            if CPU_OK:  # the CPU build rounds like the GPU (fused CDK_FMA): the same bits
+                cpu = torch.full((n,), float("nan"), dtype=dt)
+                cdkernels.get_backend(torch.device("cpu"), dt, "cpu").normal(cpu, SEED, off, smp)
+                ck.exact(f"cpu == cuda normal {dt} {tag}", out, cpu)
             ck.checks += 1
             if out.isnan().any():
                 ck.errors.append(f"normal {dt} {tag}: unwritten (NaN) elements")

@@ -143,7 +143,7 @@ void parallel_for(int64_t n, int64_t align, Split sp, F&& fn) {
 // Each thread gets up to 4 tasks (>= 32K element-operations each): if the OS runs a helper late
 // (a loaded machine), the caller works through the unclaimed tasks instead of waiting.
 Split threads_for(double work, int nthreads) {
-  const double min_work = 32768.0;
+  const double min_work = 8192.0;
   Split sp;
   int nt = nthreads < 1 ? 1 : nthreads;
   const double cap = work / min_work;

@@ -34,10 +34,14 @@ constexpr int PHILOX_SOA = 128;
 // hi and lo 32-bit halves of m * c for 16 lanes.
 static inline __attribute__((always_inline)) void mulhilo16(__m512i m, __m512i c, __m512i* hi,
                                                             __m512i* lo) {
-  const __m512i pe = _mm512_mul_epu32(c, m);                         // even lanes, 64-bit
-  const __m512i po = _mm512_mul_epu32(_mm512_srli_epi64(c, 32), m);  // odd lanes, 64-bit
-  *hi = _mm512_mask_blend_epi32((__mmask16)0xAAAA, _mm512_srli_epi64(pe, 32), po);
-  *lo = _mm512_mask_blend_epi32((__mmask16)0xAAAA, pe, _mm512_slli_epi64(po, 32));
+  // Lane moves are vpshufd (port 5), not 64-bit shifts: vpmuludq and the shifts both need
+  // port 0 on 512-bit vectors, which made port 0 the bottleneck of the rounds.
+  const __m512i pe = _mm512_mul_epu32(c, m);                                    // even lanes
+  const __m512i po = _mm512_mul_epu32(_mm512_shuffle_epi32(c, (_MM_PERM_ENUM)0xF5), m);  // odd
+  *hi = _mm512_mask_blend_epi32((__mmask16)0xAAAA, _mm512_shuffle_epi32(pe, (_MM_PERM_ENUM)0xF5),
+                                po);
+  *lo = _mm512_mask_blend_epi32((__mmask16)0xAAAA, pe,
+                                _mm512_shuffle_epi32(po, (_MM_PERM_ENUM)0xA0));
 }
 #elif CDK_ISA_LEVEL == 1
 static inline __attribute__((always_inline)) void mulhilo8(__m256i m, __m256i c, __m256i* hi,
@@ -65,8 +69,8 @@ static void philox_soa(uint32_t (*__restrict w)[PHILOX_SOA], uint32_t lo0, uint3
         __m512i hi0, lo0v, hi1, lo1;
         mulhilo16(M0, c0, &hi0, &lo0v);
         mulhilo16(M1, c2, &hi1, &lo1);
-        c0 = _mm512_xor_si512(_mm512_xor_si512(hi1, c1), _mm512_set1_epi32((int)a));
-        c2 = _mm512_xor_si512(_mm512_xor_si512(hi0, c3), _mm512_set1_epi32((int)b));
+        c0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32((int)a), 0x96);  // 3-way xor
+        c2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32((int)b), 0x96);
         c1 = lo1;
         c3 = lo0v;
         a += 0x9E3779B9u;
