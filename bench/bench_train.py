@@ -200,7 +200,14 @@ def epochs_mode(args, device):
             if args.data_dir:
                 argv += ["--data-dir", args.data_dir]
             argv += {"eager": [], "compile": ["--compile"], "cudagraph": ["--cuda-graph"],
-                     "off": ["--noise", "none"]}[variant]
+                     "off": ["--noise", "none"], "em": ["--noise", "em"],
+                     "std": ["--noise", "std"],
+                     "em-learn-channel": ["--noise", "em", "--learnable-sigma", "channel"],
+                     "std-learn-channel": ["--noise", "std", "--learnable-sigma", "channel"],
+                     }[variant]
+            dtype = args.dtype.split(",")[0]
+            if dtype != "fp32":
+                argv += ["--amp", dtype]
             t = time.perf_counter()
             a = T.build_parser().parse_args(argv)
             T.validate(a)
@@ -222,7 +229,8 @@ def main(argv=None):
     p.add_argument("--models", default="cd_preact_resnet20")
     p.add_argument("--batch", default="64", help="comma-separated batch sizes")
     p.add_argument("--dtype", default="fp32", help="comma-separated: fp32,bf16,fp16")
-    p.add_argument("--variants", default=None, help="default: all that run on the device")
+    p.add_argument("--variants", default=None,
+                   help="default: all that run on the device; 'none': only --epochs")
     p.add_argument("--size", type=int, default=8, help="image side (8 = digits, 28, 32)")
     p.add_argument("--channels", type=int, default=1)
     p.add_argument("--width", type=int, default=16)
@@ -234,7 +242,9 @@ def main(argv=None):
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--epochs", type=int, default=0, help="also run N epochs end to end")
-    p.add_argument("--epoch-variants", default="eager,off")
+    p.add_argument("--epoch-variants", default="eager,off",
+                   help="comma list of eager, compile, cudagraph (noise em) or off, em, std, "
+                        "em-learn-channel, std-learn-channel; --dtype bf16 trains in autocast")
     p.add_argument("--data", default="digits")
     p.add_argument("--data-dir", default=None)
     p.add_argument("--out", default=None, help="write results (.json or .csv)")
@@ -260,7 +270,7 @@ def main(argv=None):
             with open(args.out, "w") as fh:
                 json.dump(rows, fh, indent=1)
         return 0
-    variants = (args.variants.split(",") if args.variants else
+    variants = ([] if args.variants == "none" else args.variants.split(",") if args.variants else
                 ["torch-eager", "cdk-eager", "cdk-compile", "off-eager", "off-compile"]
                 + (["cdk-cudagraph", "off-cudagraph"] if device.type == "cuda" else []))
     if device.type != "cuda" and any(v.endswith("cudagraph") for v in variants):
@@ -282,12 +292,16 @@ def main(argv=None):
                     print(f"{model:22} {v:14} {batch:5} {dtype:>5} {r['step_ms']:9.2f} "
                           f"{r['images_per_s']:9.0f} {rel}", flush=True)
     if args.epochs:
-        print("\nend to end (cdkernels.train):")
-        for r in epochs_mode(args, device):
+        print(f"\nend to end (cdkernels.train, {args.dtype.split(',')[0]}):")
+        ep_rows = epochs_mode(args, device)
+        off = next((r for r in ep_rows if r["variant"] == "off"), None)
+        for r in ep_rows:
             rows.append(r)
-            print(f"  {r['variant']:10} {r['epochs']} epochs of {r['data']}: "
+            cost = ("" if off is None or r is off else
+                    f", noise cost {100 * (off['images_per_s'] / r['images_per_s'] - 1):+.1f} %")
+            print(f"  {r['variant']:18} {r['epochs']} epochs of {r['data']}: "
                   f"{r['epochs_per_s_steady']:.3f} epochs/s steady, {r['images_per_s']:.0f} img/s,"
-                  f" total {r['total_s']:.1f}s, test acc {r['test_acc']:.3f}", flush=True)
+                  f" total {r['total_s']:.1f}s, test acc {r['test_acc']:.3f}{cost}", flush=True)
     if args.out:
         if args.out.endswith(".csv"):
             keys = sorted({k for r in rows for k in r})

@@ -2,6 +2,7 @@
 torch.library custom op that torch.compile and export see; the seed scheme; the CPU pool under
 concurrent callers."""
 import math
+import os
 import sys
 import threading
 
@@ -178,11 +179,87 @@ def test_backward_uses_its_forward_seed_after_other_calls():
 
 # -- the CPU pool -----------------------------------------------------------------------------
 
-def test_pool_concurrent_python_threads():
-    """Several Python threads calling the CPU kernels at once (the GIL is released): each result
-    equals the same call made alone, and grad_sigma sums stay deterministic."""
+@pytest.fixture(params=["openmp", "pool"])
+def cpu_threading(request):
+    """Run a test with the CPU kernels' helpers on torch's OpenMP threads, then on our pool."""
     if not cdkernels.backends()["cpu"]["available"]:
         pytest.skip("cpu backend unavailable")
+    import cdkernels._C as _C
+    _C._set_cpu_threading(request.param)
+    try:
+        if request.param == "openmp" and not _C.cpu_threading().startswith("openmp"):
+            pytest.skip("no OpenMP runtime loaded in this process")
+        yield request.param
+    finally:
+        _C._set_cpu_threading(os.environ.get("CDK_CPU_THREADS", "auto"))
+
+
+def test_cpu_threading_uses_torchs_openmp_runtime():
+    """With torch's libgomp/libiomp5/libomp loaded (Linux wheels), the CPU kernels run on its
+    threads, not on a second pool that would compete with them for the cores."""
+    if not cdkernels.backends()["cpu"]["available"]:
+        pytest.skip("cpu backend unavailable")
+    import cdkernels._C as _C
+    try:
+        maps = open("/proc/self/maps").read()
+    except OSError:
+        pytest.skip("no /proc/self/maps")
+    loaded = any(n in maps for n in ("libgomp", "libiomp5", "libomp"))
+    if os.environ.get("CDK_CPU_THREADS") == "pool":
+        assert _C.cpu_threading() == "pool"
+    elif loaded:
+        assert _C.cpu_threading().startswith("openmp ("), _C.cpu_threading()
+    with pytest.raises(ValueError, match="threading mode"):
+        _C._set_cpu_threading("fibres")
+
+
+def test_bad_cpu_threading_setting_makes_the_backend_unavailable():
+    import subprocess
+    code = ("import cdkernels; b = cdkernels.backends()['cpu']; "
+            "print(b['available'], b['reason'])")
+    env = dict(os.environ, CDK_CPU_THREADS="fibres")
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("False") and "CDK_CPU_THREADS" in out.stdout
+
+
+def test_cpu_kernels_in_a_forked_child():
+    """A forked child (DataLoader workers) cannot use the parent's OpenMP or pool threads: the
+    CPU kernels must still run there (own pool) and give the parent's result, without hanging."""
+    if not cdkernels.backends()["cpu"]["available"]:
+        pytest.skip("cpu backend unavailable")
+    import multiprocessing as mp
+    x, f = _data((4, 16, 64, 64))
+    want = cdkernels.cd_step(x, f, 0.1, 0.5, seed=9, backend="cpu")  # threads started here
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+
+    def child():
+        # (no torch reductions here: torch's own OpenMP ops are not fork-safe, which is why
+        # DataLoader workers run with one thread; ours must work with two)
+        import cdkernels._C as _C
+        torch.set_num_threads(2)
+        y = cdkernels.cd_step(x, f, 0.1, 0.5, seed=9, backend="cpu")
+        q.put((_C.cpu_threading(), y.flatten().tolist()))
+
+    p = ctx.Process(target=child)
+    p.start()
+    try:
+        mode, got = q.get(timeout=60)  # (before join: the child exits once this is read)
+    finally:
+        p.join(10)
+        if p.exitcode is None:
+            p.kill()
+    assert p.exitcode == 0, "child failed"
+    assert mode == "pool"
+    assert got == want.flatten().tolist()
+
+
+def test_pool_concurrent_python_threads(cpu_threading):
+    """Several Python threads calling the CPU kernels at once (the GIL is released): each result
+    equals the same call made alone, and grad_sigma sums stay deterministic; on torch's OpenMP
+    threads and on our own pool."""
     shapes = [(4, 16, 64, 64), (3, 7, 33), (1, 5, 1000), (2, 8, 128, 64)]
     inputs = [(_data(s, seed=i), torch.rand(s[1]) + 0.1) for i, s in enumerate(shapes)]
 
@@ -217,10 +294,8 @@ def test_pool_concurrent_python_threads():
                 assert torch.equal(a, b)
 
 
-def test_pool_thread_counts_agree():
+def test_pool_thread_counts_agree(cpu_threading):
     """torch.set_num_threads changes the split, not the result (beyond float32 sum order)."""
-    if not cdkernels.backends()["cpu"]["available"]:
-        pytest.skip("cpu backend unavailable")
     x, f = _data((8, 16, 32, 32))
     n0 = torch.get_num_threads()
     outs = []

@@ -8,6 +8,7 @@ says why.
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import torch
@@ -65,7 +66,14 @@ class CpuBackend(Backend):
     def availability(self):
         if _C is None:
             return False, _IMPORT_ERROR
-        return True, f"compiled module, SIMD level {_C.cpu_simd_level()}"
+        mode = os.environ.get("CDK_CPU_THREADS", "auto")
+        if mode not in ("auto", "openmp", "pool"):
+            return False, f"CDK_CPU_THREADS={mode!r} must be 'auto', 'openmp' or 'pool'"
+        threads = _C.cpu_threading()
+        if mode == "openmp" and not threads.startswith("openmp"):
+            return False, ("CDK_CPU_THREADS=openmp, but no OpenMP runtime (libgomp, libiomp5, "
+                           "libomp) is loaded in this process")
+        return True, f"compiled module, SIMD level {_C.cpu_simd_level()}, threads: {threads}"
 
     def supports(self, device: torch.device) -> bool:
         return torch.device(device).type == "cpu"
