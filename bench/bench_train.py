@@ -220,7 +220,7 @@ def epochs_mode(args, device):
                          "epochs_per_s_steady": 1.0 / steady,
                          "images_per_s": statistics.median(h["images_per_s"]
                                                            for h in res["history"]),
-                         "test_acc": res["history"][-1]["test_acc"]})
+                         "val_acc": res["history"][-1]["val_acc"]})
     return rows
 
 
@@ -301,7 +301,7 @@ def main(argv=None):
                     f", noise cost {100 * (off['images_per_s'] / r['images_per_s'] - 1):+.1f} %")
             print(f"  {r['variant']:18} {r['epochs']} epochs of {r['data']}: "
                   f"{r['epochs_per_s_steady']:.3f} epochs/s steady, {r['images_per_s']:.0f} img/s,"
-                  f" total {r['total_s']:.1f}s, test acc {r['test_acc']:.3f}{cost}", flush=True)
+                  f" total {r['total_s']:.1f}s, val acc {r['val_acc']:.3f}{cost}", flush=True)
     if args.out:
         if args.out.endswith(".csv"):
             keys = sorted({k for r in rows for k in r})

@@ -55,3 +55,27 @@ def test_forward_backward_rows_do_not_accumulate_grads():
         seen.append(float(x.grad[0]))
     b.measure_group({"eager": fb}, torch.device("cpu"), 2, 0.001, 32)
     assert set(seen) == {2.0}
+
+
+def test_bench_train_noise_cost_and_epochs_smoke(capsys, tmp_path):
+    """bench/bench_train.py: the noise-cost table (one tiny size) and the end-to-end epochs mode
+    with noise variants and bf16 autocast, on the embedded digits data."""
+    spec = importlib.util.spec_from_file_location("bench_train", os.path.join(ROOT, "bench",
+                                                                              "bench_train.py"))
+    bt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bt)
+    assert bt.main(["--noise-cost", "--noise-sizes", "8", "--noise-variants", "off,em,std",
+                    "--repeats", "1", "--iters", "1", "--warmup", "1", "--batch", "8"]) == 0
+    out = capsys.readouterr().out
+    for v in ("off", "em", "std"):
+        assert f" {v} " in out, v
+    assert "cost" in out
+    res = tmp_path / "epochs.json"
+    assert bt.main(["--variants", "none", "--epochs", "1", "--data", "digits", "--batch", "64",
+                    "--dtype", "bf16", "--epoch-variants", "off,em", "--out", str(res)]) == 0
+    out = capsys.readouterr().out
+    assert "noise cost" in out and "val acc" in out
+    import json
+    rows = json.loads(res.read_text())
+    assert [r["variant"] for r in rows] == ["off", "em"]
+    assert all(r["images_per_s"] > 0 and 0.0 <= r["val_acc"] <= 1.0 for r in rows)

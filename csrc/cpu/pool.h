@@ -1,11 +1,12 @@
-// pool.h -- the CPU backend's persistent worker pool.
+// pool.h -- threading of the CPU backend: torch's OpenMP threads, or a persistent pool of ours.
 //
-// Starting std::threads on every call cost ~50 us on the 2-core dev VM, so small tensors ran on
-// one thread. The pool keeps (nthreads - 1) workers parked on a condition variable; a call wakes
-// them, everyone (the caller included) pulls task indices from an atomic counter, and the caller
-// waits for the last task. One job runs at a time: a second Python thread that finds the pool
-// busy runs its tasks inline on its own thread, with the same task split, so results never depend
-// on who ran which task.
+// pool_run() hands a job's tasks to the OpenMP runtime torch loaded when there is one (see
+// cpu_threading() below), else to a persistent pool: (nthreads - 1) workers that spin briefly
+// after a job and then park on a condition variable; a call wakes the parked ones, everyone
+// (the caller included) pulls task indices from an atomic counter, and the caller waits for the
+// last task. One pool job runs at a time: a second Python thread that finds the pool busy runs
+// its tasks inline on its own thread. Either way the task split depends only on the job, so
+// results never depend on who ran which task.
 #pragma once
 #include <stdint.h>
 
