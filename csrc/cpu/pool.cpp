@@ -2,7 +2,9 @@
 #include "cpu/pool.h"
 
 #include <dlfcn.h>
-#include <link.h>
+#if defined(__linux__)
+#include <link.h>  // dl_iterate_phdr
+#endif
 #include <stdlib.h>
 #include <string.h>
 #include <unistd.h>
@@ -171,6 +173,7 @@ struct OmpRuntime {
   std::string path;
 };
 
+#if defined(__linux__)
 int find_omp(struct dl_phdr_info* info, size_t, void* data) {
   const char* name = info->dlpi_name;
   if (!name || !*name) return 0;
@@ -191,6 +194,7 @@ int find_omp(struct dl_phdr_info* info, size_t, void* data) {
   rt->path = name;
   return 1;  // the handle stays open: the runtime is never unloaded under us
 }
+#endif
 
 enum Mode : int { kAuto = 0, kOpenMP = 1, kPool = 2 };
 
@@ -214,7 +218,9 @@ struct Threading {
     std::lock_guard<std::mutex> g(m);
     if (!searched) {
       searched = true;
+#if defined(__linux__)
       dl_iterate_phdr(find_omp, &rt);
+#endif  // (elsewhere: the pool)
       owner = getpid();
     }
     return owner == getpid() ? rt.parallel : nullptr;
