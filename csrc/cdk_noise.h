@@ -174,6 +174,25 @@ CDK_HD float log_unit(float x) {
   return CDK_FMA(ef, 6.9313812256e-01f, -CDK_SUB(CDK_SUB(hfsq, inner), f));
 }
 
+CDK_HD float bits_to_float(uint32_t b) {
+#if defined(__CUDACC__) && defined(__CUDA_ARCH__)
+  return __uint_as_float(b);
+#else
+  float f;
+  __builtin_memcpy(&f, &b, 4);
+  return f;
+#endif
+}
+CDK_HD uint32_t float_to_bits(float f) {
+#if defined(__CUDACC__) && defined(__CUDA_ARCH__)
+  return __float_as_uint(f);
+#else
+  uint32_t b;
+  __builtin_memcpy(&b, &f, 4);
+  return b;
+#endif
+}
+
 // sin and cos of x for |x| <= pi/4 (cephes sinf/cosf minimax polynomials), about 1 ulp.
 CDK_HD float sin_small(float x) {
   const float z = CDK_MUL(x, x);
@@ -199,10 +218,15 @@ CDK_HD void box_muller_u(float ua, float ub, float* out_cos, float* out_sin) {
   const float t = CDK_FMA(-0.25f, (float)q, ub);         // exact
   const float x = CDK_MUL(6.28318530717958647692f, t);
   const float s = sin_small(x), c = cos_small(x);
-  const int32_t qm = q & 3;
-  // rotate (c, s) by qm quarter turns: 0:(c,s) 1:(-s,c) 2:(-c,-s) 3:(s,-c)
-  const float cr = (qm == 0) ? c : (qm == 1) ? -s : (qm == 2) ? -c : s;
-  const float sr = (qm == 0) ? s : (qm == 1) ? c : (qm == 2) ? -s : -c;
+  // rotate (c, s) by q quarter turns: 0:(c,s) 1:(-s,c) 2:(-c,-s) 3:(s,-c), as a swap when q is
+  // odd and two sign flips (exact; two selects and two xors instead of six selects)
+  const uint32_t qu = (uint32_t)q;
+  const bool odd = (qu & 1u) != 0u;
+  const float a = odd ? s : c, b = odd ? c : s;
+  const uint32_t flip_c = ((qu + 1u) & 2u) << 30;  // q mod 4 in {1, 2}
+  const uint32_t flip_s = (qu & 2u) << 30;         // q mod 4 in {2, 3}
+  const float cr = bits_to_float(float_to_bits(a) ^ flip_c);
+  const float sr = bits_to_float(float_to_bits(b) ^ flip_s);
   *out_cos = CDK_MUL(r, cr);
   *out_sin = CDK_MUL(r, sr);
 }
@@ -235,15 +259,6 @@ CDK_HD Normals4 keyed_normals(const PhiloxKeys& K, uint64_t block, uint32_t samp
 
 // -- the 16-bit stream (docs/noise.md section 3b): eight normals per Philox call -------------
 
-CDK_HD float bits_to_float(uint32_t b) {
-#if defined(__CUDACC__) && defined(__CUDA_ARCH__)
-  return __uint_as_float(b);
-#else
-  float f;
-  __builtin_memcpy(&f, &b, 4);
-  return f;
-#endif
-}
 
 // 1 + h * 2^-16 for a 16-bit h, built on the bits (no int->float conversion, which is a
 // quarter-rate instruction on the GPU). Subtracting a constant then gives U16 exactly.
