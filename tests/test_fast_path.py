@@ -35,8 +35,10 @@ def _grads(fn, x, f, sigma, g):
 @pytest.mark.parametrize("act", ["none", "relu"])
 @pytest.mark.parametrize("sigma_kind", ["float", "scalar", "channel"])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
-def test_fast_path_equals_custom_op(native_or_ref, backend, act, sigma_kind, layout):
-    """Same seed: the eager fast path and the custom op give bit-identical y and gradients."""
+@pytest.mark.parametrize("dt", [0.3, 1.0])
+def test_fast_path_equals_custom_op(native_or_ref, backend, act, sigma_kind, layout, dt):
+    """Same seed: the eager fast path and the custom op give bit-identical y and gradients
+    (dt = 1 with no activation: grad_x and grad_f are grad_y itself, no kernel writes them)."""
     native_or_ref(backend)
     x, f = _data((2, 3, 5, 6))
     g = torch.randn(2, 3, 5, 6)
@@ -47,11 +49,11 @@ def test_fast_path_equals_custom_op(native_or_ref, backend, act, sigma_kind, lay
     seed = torch.tensor([987654321])
 
     def fast(a, b, s):
-        return cdkernels.cd_step(a, b, 0.3, s, activation=act, seed=seed, backend=backend)
+        return cdkernels.cd_step(a, b, dt, s, activation=act, seed=seed, backend=backend)
 
     def op(a, b, s):
         sv, st = (s, None) if not isinstance(s, torch.Tensor) else (0.0, s)
-        return OP(a, b, 0.3, sv, st, seed, 0, act, backend)
+        return OP(a, b, dt, sv, st, seed, 0, act, backend)
 
     rf, ro = _grads(fast, x, f, sigma, g), _grads(op, x, f, sigma, g)
     for a, b in zip(rf, ro):
@@ -63,6 +65,9 @@ def test_fast_path_equals_custom_op(native_or_ref, backend, act, sigma_kind, lay
     assert rf[1].abs().sum() > 0
     if sigma_kind != "float":
         assert rf[3].abs().sum() > 0
+    if act == "none":  # d/dx = 1, d/df = dt, whatever sigma is
+        torch.testing.assert_close(rf[1], g, rtol=0, atol=0)
+        torch.testing.assert_close(rf[2], g * dt, rtol=0, atol=0)
 
 
 @pytest.fixture
