@@ -63,6 +63,20 @@ def test_extreme_logits_do_not_overflow(native, space):
                                rtol=1e-5, atol=1e-2)
 
 
+@pytest.mark.parametrize("space", SPACES)
+def test_nan_logit_poisons_its_row_only(native, space):
+    """A nan logit makes its row's result nan (prob, logprob: every class; logit: that class),
+    like the float64 definition, and leaves the other rows alone: never a finite wrong value
+    (the CPU log's bit tricks once turned a nan sum into 88.03)."""
+    name, dev = native
+    z = torch.randn(3, 2, 20, generator=torch.Generator().manual_seed(4))
+    z[1, 0, 5] = float("nan")
+    out = cdkernels.ensemble_mean(z.to(dev), replicas=3, space=space, backend=name).cpu()
+    want = _plain(z, 3, space)
+    assert torch.equal(out.isnan(), want.isnan()), (out, want)
+    torch.testing.assert_close(out[1].double(), want[1], rtol=1e-5, atol=1e-6)
+
+
 def test_logprob_accurate_on_both_sides_of_the_direct_route(native):
     """The CPU kernel takes log(sum_k p_k) directly when every summed probability is at least
     2^-100 and the log-sum-exp route otherwise. Rows whose smallest probability sits just above

@@ -461,16 +461,20 @@ if HAVE_TRITON:
         of the log-softmax values: never forms a probability that could underflow."""
         acc = tl.zeros(mask.shape, dtype=tl.float32)
         run_m = tl.full(mask.shape, -3.0e38, tl.float32)  # running max over k of log p_kc
+        nans = tl.zeros(mask.shape, dtype=tl.float32)  # > 0 once a replica's row held a nan
         for k in range(K):
             z = tl.load(base + k * BC, mask=mask, other=float("-inf")).to(tl.float32)
             m, ssum, ex = _softmax_row(z)
+            # log_unit's bit tricks and tl.maximum would both drop a nan: count it instead
+            nans += tl.where(ssum != ssum, 1.0, 0.0)
             a = tl.where(mask, z - (m + log_unit(ssum)), 0.0)  # log softmax
             m_new = tl.maximum(run_m, a)
             acc = acc * tl.exp(run_m - m_new) + tl.exp(a - m_new)
             run_m = m_new
         # acc == 0: p_kc == 0 for every k (all inputs -inf) -> log 0 = -inf
-        return tl.where(acc > 0.0, run_m + log_unit(tl.where(acc > 0.0, acc, 1.0))
-                        - log_unit(tl.cast(K, tl.float32)), float("-inf"))
+        r = tl.where(acc > 0.0, run_m + log_unit(tl.where(acc > 0.0, acc, 1.0))
+                     - log_unit(tl.cast(K, tl.float32)), float("-inf"))
+        return tl.where(nans > 0.0, float("nan"), r)
 
     @triton.jit
     def _ensemble_fwd_kernel(inp_ptr, out_ptr, K, B, C, SPACE: tl.constexpr,

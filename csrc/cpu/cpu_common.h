@@ -111,8 +111,16 @@ CDK_INLINE float exp_f(float xin) {
   return xin < -87.33654f ? 0.0f : r2;  // underflow (and exp(-inf)) gives exactly 0
 }
 
-// natural log of a positive normal float (any range), about 1 ulp (the spec header's log).
-CDK_INLINE float log_f(float x) { return cdk::log_unit(x); }
+// natural log, about 1 ulp: the spec header's log for positive normal floats (its bit tricks
+// give a finite garbage value for nan, inf, 0 and subnormals, so those are handled here: a nan
+// sum of exponentials must stay nan, not become 88).
+CDK_INLINE float log_f(float x) {
+  const bool sub = x < 1.17549435e-38f;  // subnormal (or zero/negative): scale by 2^24 first
+  const float l = cdk::log_unit(sub ? x * 16777216.0f : x);
+  const float r = sub ? l - 16.635532333438687f : l;  // 24 ln 2
+  const float inf = __builtin_inff();
+  return (x > 0.0f && x < inf) ? r : (x == 0.0f ? -inf : (x == inf ? inf : __builtin_nanf("")));
+}
 
 // log1p(e) for e in [0, 1]: log(u) corrected by the rounding error of u = 1 + e.
 CDK_INLINE float log1p_01(float e) {

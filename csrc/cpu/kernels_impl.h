@@ -633,6 +633,7 @@ static inline int64_t padded16(int64_t C) { return (C + 15) & ~(int64_t)15; }
 // partial maxima and sums through the stack (store-forwarding stalls) at every row.
 typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
 typedef float v8f __attribute__((vector_size(32)));
 typedef float v4f __attribute__((vector_size(16)));
 
@@ -689,8 +690,10 @@ static inline __attribute__((always_inline)) v16f exp_nonpos16(v16f xin) {
   p = vfma16(p, r, splat16(1.6666665459e-1f));
   p = vfma16(p, r, splat16(5.0000001201e-1f));
   p = vfma16(p, r * r, r) + splat16(1.0f);
-  const v16i ni = __builtin_convertvector(n, v16i);  // n in [-126, 0]: exact
-  const v16f scale = (v16f)((ni + 127) << 23);
+  // n in [-126, 0] (exact); the bit arithmetic in unsigned lanes (a nan input's lane is
+  // garbage here and nan again after the multiply below)
+  const v16u ni = (v16u)__builtin_convertvector(n, v16i);
+  const v16f scale = (v16f)((ni + 127u) << 23);
   const v16f e = p * scale;
   return xin < lo ? v16f{} : e;
 }
