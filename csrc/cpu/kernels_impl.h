@@ -724,17 +724,18 @@ static inline v16f row16_tail(const typename D::T* __restrict src, int len) {
   return r;
 }
 
-// acc[0..Cp) += softmax(row)[c] (Cp = C rounded up to 16; the padded lanes add 0), one exp per
-// element; e is a [Cp] scratch row.
+// e[0..Cp) = exp(row - m) with m the row's maximum (Cp = C rounded up to 16; padded lanes 0);
+// returns the sum of e and sets *m. One exp per element.
 template <class D>
-static inline void add_softmax_row(const typename D::T* __restrict row, int64_t C,
-                                   float* __restrict e, float* __restrict acc) {
+static inline float row_exp(const typename D::T* __restrict row, int64_t C, float* __restrict e,
+                            float* m_out) {
   const int64_t full = C & ~(int64_t)15;
   const int tail = (int)(C - full);
   v16f mv = splat16(-__builtin_inff());
   for (int64_t c = 0; c < full; c += 16) mv = vmax16(mv, row16<D>(row + c));
   const v16f t = tail ? row16_tail<D>(row + full, tail) : mv;
-  const v16f m = splat16(hmax16(vmax16(mv, t)));
+  const float mf = hmax16(vmax16(mv, t));
+  const v16f m = splat16(mf);
   v16f sv = v16f{};
   for (int64_t c = 0; c < full; c += 16) {
     const v16f v = exp_nonpos16(row16<D>(row + c) - m);
@@ -746,8 +747,17 @@ static inline void add_softmax_row(const typename D::T* __restrict row, int64_t 
     st16(e + full, v);
     sv += v;
   }
-  const v16f inv = splat16(1.0f / hsum16(sv));
-  const int64_t Cp = full + (tail ? 16 : 0);
+  *m_out = mf;
+  return hsum16(sv);
+}
+
+// acc[0..Cp) += softmax(row) (the padded lanes add 0); e is a [Cp] scratch row.
+template <class D>
+static inline void add_softmax_row(const typename D::T* __restrict row, int64_t C,
+                                   float* __restrict e, float* __restrict acc) {
+  float m;
+  const v16f inv = splat16(1.0f / row_exp<D>(row, C, e, &m));
+  const int64_t Cp = padded16(C);
   for (int64_t c = 0; c < Cp; c += 16) st16(acc + c, ld16(acc + c) + ld16(e + c) * inv);
 }
 
@@ -808,30 +818,33 @@ static void ens_fwd_t(const EnsArgs& a, int64_t b0, int64_t b1, float* scratch) 
   }
 }
 
+// scratch: 5*Cp + K floats. Per (b, k) one in-place pass for the softmax (row_exp), then
+// elementwise loops over scratch rows (written with whole-vector stores, so no store-forwarding
+// stalls), instead of a row copy, a log-sum-exp and a second exp per element.
 template <class D>
 static void ens_bwd_t(const EnsArgs& a, int64_t b0, int64_t b1, float* scratch) {
   using T = typename D::T;
-  const int64_t K = a.K, B = a.B, C = a.C;
+  const int64_t K = a.K, B = a.B, C = a.C, Cp = padded16(C);
   const T* inp = static_cast<const T*>(a.inp);
   const T* gout = static_cast<const T*>(a.gout);
   const T* outv = static_cast<const T*>(a.outv);
   T* gin = static_cast<T*>(a.gin);
-  float* __restrict z = scratch;
-  float* __restrict p = z + C;
-  float* __restrict g = p + C;
-  float* __restrict ov = g + C;
-  float* __restrict q = ov + C;
-  const float Kf = (float)K;
-  for (int64_t b = b0; b < b1; ++b) {
-    load_row<D>(g, gout + b * C, C);
-    if (a.space == kLogit) {
-      for (int64_t c = 0; c < C; ++c) g[c] = g[c] / Kf;
-      for (int64_t k = 0; k < K; ++k) {
-        T* o = gin + (k * B + b) * C;
-        for (int64_t c = 0; c < C; ++c) D::st(o, c, g[c]);
-      }
-      continue;
+  const float Kf = (float)K, invK = 1.0f / Kf;  // (a multiply per element, not a division)
+  if (a.space == kLogit) {  // d/dz_k = g / K for every k: one flat loop per replica
+    for (int64_t k = 0; k < K; ++k) {
+      T* o = gin + k * B * C;
+      for (int64_t j = b0 * C; j < b1 * C; ++j) D::st(o, j, D::ld(gout, j) * invK);
     }
+    return;
+  }
+  float* __restrict z = scratch;
+  float* __restrict p = z + Cp;
+  float* __restrict g = p + Cp;
+  float* __restrict ov = g + Cp;
+  float* __restrict q = ov + Cp;
+  for (int64_t b = b0; b < b1; ++b) {
+    for (int64_t c = 0; c < C; ++c) g[c] = D::ld(gout + b * C, c);
+    for (int64_t c = C; c < Cp; ++c) g[c] = 0.0f;
     if (a.space == kLogprob) {
       // float32 `out` is what the forward stored; a 16-bit `out` is rounded (|out| ~ 10 in
       // float16 carries ~5e-3 absolute error, which exp() turns into a 0.5 % gradient error),
@@ -840,24 +853,22 @@ static void ens_bwd_t(const EnsArgs& a, int64_t b0, int64_t b1, float* scratch) 
       else logprob_row<D>(inp, b, K, B, C, z, q, p, q + C, ov);
     }
     for (int64_t k = 0; k < K; ++k) {
-      load_row<D>(z, inp + (k * B + b) * C, C);
+      const T* row = inp + (k * B + b) * C;
       T* o = gin + (k * B + b) * C;
-      const float l = row_lse(z, C);
-      for (int64_t c = 0; c < C; ++c) p[c] = exp_f(z[c] - l);
+      float m;
+      const float s = row_exp<D>(row, C, p, &m);
+      const float inv = 1.0f / s;
+      for (int64_t c = 0; c < Cp; ++c) p[c] *= inv;  // softmax, 0 on padded lanes
       if (a.space == kProb) {
-        const float dot = dot_f(g, p, C);
-        for (int64_t c = 0; c < C; ++c) D::st(o, c, p[c] * (g[c] - dot) / Kf);
+        const float dot = dot_f(g, p, Cp);
+        for (int64_t c = 0; c < C; ++c) D::st(o, c, p[c] * (g[c] - dot) * invK);
       } else {
-        for (int64_t c = 0; c < C; ++c) q[c] = g[c] * exp_f(z[c] - l - ov[c]);
-        float sp[16];
-        for (int j = 0; j < 16; ++j) sp[j] = 0.0f;
-        int64_t c = 0;
-        for (; c + 16 <= C; c += 16)
-          for (int j = 0; j < 16; ++j) sp[j] += q[c + j];
+        // q_c = g_c p_kc / P_c = g_c exp(z_c - lse_k - out_c): the exponent is at most log K
+        const float l = m + log_f(s);
+        for (int64_t c = 0; c < C; ++c) q[c] = g[c] * exp_f((D::ld(row, c) - l) - ov[c]);
         float sq = 0.0f;
-        for (int j = 0; j < 16; ++j) sq += sp[j];
-        for (; c < C; ++c) sq += q[c];
-        for (c = 0; c < C; ++c) D::st(o, c, (q[c] - p[c] * sq) / Kf);
+        for (int64_t c = 0; c < C; ++c) sq += q[c];
+        for (int64_t c = 0; c < C; ++c) D::st(o, c, (q[c] - p[c] * sq) * invK);
       }
     }
   }
