@@ -91,6 +91,14 @@ def test_logprob_accurate_on_both_sides_of_the_direct_route(native):
     want = _plain(z, 2, "logprob")
     assert torch.isfinite(out).all()
     torch.testing.assert_close(out.double(), want, rtol=2e-6, atol=2e-5)
+    # the backward switches the same way (1/P_c once per row, or a bounded exp per element)
+    g = torch.randn(want.shape, generator=torch.Generator().manual_seed(1))
+    zz = z.double().requires_grad_()
+    _plain(zz, 2, "logprob").backward(g.double())
+    grad = poisoned_like(z).to(dev)
+    get_backend(torch.device(dev), torch.float32, name).ensemble_mean_bwd(
+        g.to(dev), z.to(dev), out.to(dev), grad, "logprob")
+    torch.testing.assert_close(grad.cpu().double(), zz.grad, rtol=1e-5, atol=1e-6)
 
 
 @pytest.mark.parametrize("space", SPACES)

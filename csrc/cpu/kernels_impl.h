@@ -842,15 +842,24 @@ static void ens_bwd_t(const EnsArgs& a, int64_t b0, int64_t b1, float* scratch) 
   float* __restrict g = p + Cp;
   float* __restrict ov = g + Cp;
   float* __restrict q = ov + Cp;
+  float* __restrict invP = z;  // (z is free once ov is known)
   for (int64_t b = b0; b < b1; ++b) {
     for (int64_t c = 0; c < C; ++c) g[c] = D::ld(gout + b * C, c);
     for (int64_t c = C; c < Cp; ++c) g[c] = 0.0f;
+    bool direct = false;
     if (a.space == kLogprob) {
       // float32 `out` is what the forward stored; a 16-bit `out` is rounded (|out| ~ 10 in
       // float16 carries ~5e-3 absolute error, which exp() turns into a 0.5 % gradient error),
       // so recompute it in float32 from the input instead.
       if (a.dtype == kF32) load_row<D>(ov, outv + b * C, C);
       else logprob_row<D>(inp, b, K, B, C, z, q, p, q + C, ov);
+      // P_c = exp(out_c) >= 2^-100 for every class (the forward's direct route): 1/P_c once
+      // per row, then no exp per (k, c); else the bounded exp per element below
+      float omin = __builtin_inff();
+      for (int64_t c = 0; c < C; ++c) omin = ov[c] < omin ? ov[c] : omin;
+      direct = omin >= -69.0f;  // log 2^-100 = -69.3; false for nan
+      if (direct)
+        for (int64_t c = 0; c < C; ++c) invP[c] = exp_f(-ov[c]);  // 1 / P_c <= 2^100
     }
     for (int64_t k = 0; k < K; ++k) {
       const T* row = inp + (k * B + b) * C;
@@ -862,10 +871,15 @@ static void ens_bwd_t(const EnsArgs& a, int64_t b0, int64_t b1, float* scratch) 
       if (a.space == kProb) {
         const float dot = dot_f(g, p, Cp);
         for (int64_t c = 0; c < C; ++c) D::st(o, c, p[c] * (g[c] - dot) * invK);
+      } else if (direct) {
+        // q_c = g_c p_kc / P_c with 1/P_c computed once per row b (every P_c >= 2^-100)
+        for (int64_t c = 0; c < C; ++c) q[c] = g[c] * p[c] * invP[c];
       } else {
-        // q_c = g_c p_kc / P_c = g_c exp(z_c - lse_k - out_c): the exponent is at most log K
+        // q_c = g_c exp(z_c - lse_k - out_c): the exponent is at most log K, for any P_c
         const float l = m + log_f(s);
         for (int64_t c = 0; c < C; ++c) q[c] = g[c] * exp_f((D::ld(row, c) - l) - ov[c]);
+      }
+      if (a.space == kLogprob) {
         float sq = 0.0f;
         for (int64_t c = 0; c < C; ++c) sq += q[c];
         for (int64_t c = 0; c < C; ++c) D::st(o, c, (q[c] - p[c] * sq) * invK);
