@@ -113,8 +113,7 @@ def _std_bwd_host(g, xd, fd, dt, coef, seed, stats, be, need_xf, need_coef):
         a = gstd / ((n - 1) * sd)
         gx = torch.empty_like(xd)
         gf = gx if dt == 1.0 else torch.empty_like(xd)
-        coefs = ((mean, a, 0.0) if be.name == "cpu"  # (the compiled backend takes floats)
-                 else torch.tensor([mean, a, 0.0], dtype=torch.float64))
+        coefs = torch.tensor([mean, a, 0.0], dtype=torch.float64)  # (the backends' contract)
         be.z_std_bwd(_flat(xd), _flat(fd), _flat(g), dt, coefs, _flat(gx),
                      None if gf is gx else _flat(gf))
     return gx, gf, grad_coef

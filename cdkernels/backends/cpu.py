@@ -135,8 +135,7 @@ class CpuBackend(Backend):
                    _nthreads())
 
     def z_std_bwd(self, x, f, grad_y, dt, coefs, grad_x, grad_f):
-        # a CPU tensor (no device sync involved) or the three floats already
-        mean, a, b = coefs.tolist() if isinstance(coefs, torch.Tensor) else coefs
+        mean, a, b = coefs.tolist()  # CPU tensor: no device sync involved
         _C.z_std_bwd(x.data_ptr(), f.data_ptr(), _ptr(grad_y), _out(grad_x), _out(grad_f),
                      x.numel(), _code(x), float(dt), mean, a, b, _nthreads())
 

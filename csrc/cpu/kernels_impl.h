@@ -118,13 +118,24 @@ static void philox_soa(uint32_t (*__restrict w)[PHILOX_SOA], uint32_t lo0, uint3
   }
 }
 
-// Blocks (lo0 + i, hi) for i < nb: the caller guarantees lo0 + nb - 1 does not wrap.
-static void normals_run(float* __restrict out, uint32_t lo0, uint32_t hi, uint32_t sample,
-                        uint32_t k0, uint32_t k1, int nb) {
+// Calls body(w, i0, m) for the blocks (lo0 + i0 + i, hi), i < m, in chunks of PHILOX_SOA,
+// with w holding their words (philox_soa layout). The caller guarantees lo0 + nb - 1 does not
+// wrap.
+template <class Body>
+static inline void philox_chunks(uint32_t lo0, uint32_t hi, uint32_t sample, uint32_t k0,
+                                 uint32_t k1, int nb, Body&& body) {
   alignas(64) uint32_t w[4][PHILOX_SOA];
   for (int i0 = 0; i0 < nb; i0 += PHILOX_SOA) {
     const int m = nb - i0 < PHILOX_SOA ? nb - i0 : PHILOX_SOA;
     philox_soa(w, lo0 + (uint32_t)i0, hi, sample, k0, k1, m);
+    body(w, i0, m);
+  }
+}
+
+// The float32 stream's normals of blocks (lo0 + i, hi), i < nb (no wrap inside).
+static void normals_run(float* __restrict out, uint32_t lo0, uint32_t hi, uint32_t sample,
+                        uint32_t k0, uint32_t k1, int nb) {
+  philox_chunks(lo0, hi, sample, k0, k1, nb, [&](uint32_t (*w)[PHILOX_SOA], int i0, int m) {
     float* o = out + 4 * i0;
     for (int i = 0; i < m; ++i) {
       float n0, n1, n2, n3;
@@ -135,15 +146,12 @@ static void normals_run(float* __restrict out, uint32_t lo0, uint32_t hi, uint32
       o[4 * i + 2] = n2;
       o[4 * i + 3] = n3;
     }
-  }
+  });
 }
 
 static void words_run(uint32_t* __restrict out, uint32_t lo0, uint32_t hi, uint32_t sample,
                       uint32_t k0, uint32_t k1, int nb) {
-  alignas(64) uint32_t w[4][PHILOX_SOA];
-  for (int i0 = 0; i0 < nb; i0 += PHILOX_SOA) {
-    const int m = nb - i0 < PHILOX_SOA ? nb - i0 : PHILOX_SOA;
-    philox_soa(w, lo0 + (uint32_t)i0, hi, sample, k0, k1, m);
+  philox_chunks(lo0, hi, sample, k0, k1, nb, [&](uint32_t (*w)[PHILOX_SOA], int i0, int m) {
     uint32_t* o = out + 4 * i0;
     for (int i = 0; i < m; ++i) {
       o[4 * i + 0] = w[0][i];
@@ -151,7 +159,7 @@ static void words_run(uint32_t* __restrict out, uint32_t lo0, uint32_t hi, uint3
       o[4 * i + 2] = w[2][i];
       o[4 * i + 3] = w[3][i];
     }
-  }
+  });
 }
 
 // Number of blocks from lo0 before the low counter word wraps (capped at nb).
@@ -160,14 +168,22 @@ static inline int64_t blocks_before_wrap(uint32_t lo0, int64_t nb) {
   return (uint64_t)nb > room ? (int64_t)room : nb;
 }
 
-// The normals of blocks block0 .. block0 + nb - 1 (block numbers are 64-bit, mod 2^64).
-static void gen_normals(float* __restrict out, uint64_t seed, uint64_t block0, int nb,
-                        uint32_t sample) {
+// run(out, lo0, hi, sample, k0, k1, n) over blocks block0 .. block0 + nb - 1 (64-bit block
+// numbers, mod 2^64), split where the low counter word wraps; `per` outputs per block.
+template <class Run, class T>
+static inline void split_at_wrap(Run run, T* __restrict out, int per, uint64_t seed,
+                                 uint64_t block0, int nb, uint32_t sample) {
   const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
   const uint32_t lo0 = (uint32_t)block0, hi = (uint32_t)(block0 >> 32);
   const int first = (int)blocks_before_wrap(lo0, nb);
-  normals_run(out, lo0, hi, sample, k0, k1, first);
-  if (first < nb) normals_run(out + 4 * first, 0u, hi + 1u, sample, k0, k1, nb - first);
+  run(out, lo0, hi, sample, k0, k1, first);
+  if (first < nb) run(out + per * first, 0u, hi + 1u, sample, k0, k1, nb - first);
+}
+
+// The normals of blocks block0 .. block0 + nb - 1.
+static void gen_normals(float* __restrict out, uint64_t seed, uint64_t block0, int nb,
+                        uint32_t sample) {
+  split_at_wrap(normals_run, out, 4, seed, block0, nb, sample);
 }
 
 // The 16-bit stream (docs/noise.md 3b): the eight float32 normals per block, before the
@@ -175,10 +191,7 @@ static void gen_normals(float* __restrict out, uint64_t seed, uint64_t block0, i
 // inside, as normals_run).
 static void normals16_run(float* __restrict out, uint32_t lo0, uint32_t hi, uint32_t sample,
                           uint32_t k0, uint32_t k1, int nb) {
-  alignas(64) uint32_t w[4][PHILOX_SOA];
-  for (int i0 = 0; i0 < nb; i0 += PHILOX_SOA) {
-    const int m = nb - i0 < PHILOX_SOA ? nb - i0 : PHILOX_SOA;
-    philox_soa(w, lo0 + (uint32_t)i0, hi, sample, k0, k1, m);
+  philox_chunks(lo0, hi, sample, k0, k1, nb, [&](uint32_t (*w)[PHILOX_SOA], int i0, int m) {
     float* o = out + 8 * i0;
     for (int i = 0; i < m; ++i) {  // written out (a j loop here stayed scalar)
       float n[8];
@@ -195,17 +208,13 @@ static void normals16_run(float* __restrict out, uint32_t lo0, uint32_t hi, uint
       o[8 * i + 6] = n[6];
       o[8 * i + 7] = n[7];
     }
-  }
+  });
 }
 
 template <class D>
 static void gen_normals16(float* __restrict out, uint64_t seed, uint64_t block0, int nb,
                           uint32_t sample) {
-  const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-  const uint32_t lo0 = (uint32_t)block0, hi = (uint32_t)(block0 >> 32);
-  const int first = (int)blocks_before_wrap(lo0, nb);
-  normals16_run(out, lo0, hi, sample, k0, k1, first);
-  if (first < nb) normals16_run(out + 8 * first, 0u, hi + 1u, sample, k0, k1, nb - first);
+  split_at_wrap(normals16_run, out, 8, seed, block0, nb, sample);
   // The rounding to the dtype in its own loop: it vectorises there (float16's conversion has
   // selects that would keep the Box-Muller loop above scalar).
   for (int i = 0; i < 8 * nb; ++i) out[i] = D::round(out[i]);
@@ -237,15 +246,9 @@ static void k_philox_words(int32_t* out, int64_t b0, int64_t b1, uint64_t seed, 
 static void k_uniform(float* out, int64_t begin, int64_t end, uint64_t seed, uint64_t offset,
                       uint32_t sample) {
   alignas(64) uint32_t w[TILE];
-  const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
   for (int64_t p0 = begin; p0 < end; p0 += TILE) {
     const int len = (int)(end - p0 < TILE ? end - p0 : TILE);
-    const int nb = (len + 3) / 4;
-    const uint64_t block0 = offset + (uint64_t)(p0 / 4);
-    const uint32_t lo0 = (uint32_t)block0, hi = (uint32_t)(block0 >> 32);
-    const int first = (int)blocks_before_wrap(lo0, nb);
-    words_run(w, lo0, hi, sample, k0, k1, first);
-    if (first < nb) words_run(w + 4 * first, 0u, hi + 1u, sample, k0, k1, nb - first);
+    split_at_wrap(words_run, w, 4, seed, offset + (uint64_t)(p0 / 4), (len + 3) / 4, sample);
     float* o = out + p0;
     for (int i = 0; i < len; ++i) o[i] = cdk::word_to_uniform(w[i]);
   }
@@ -663,9 +666,7 @@ static inline __attribute__((always_inline)) float hsum16(v16f v) {
   return (c[0] + c[1]) + (c[2] + c[3]);
 }
 
-// exp(x) for x <= 0 (a logit minus its row maximum), ~2 ulp; below -87.3 it is 0, nan stays nan.
-// Not part of the noise spec, so the AVX2/AVX-512 clones may use fused multiply-adds (about
-// half the instructions of exp_f, which is written for -ffp-contract=off).
+// a*b + c, fused in the AVX2/AVX-512 clones (the ensemble math is not part of the noise spec)
 static inline __attribute__((always_inline)) v16f vfma16(v16f a, v16f b, v16f c) {
 #if CDK_ISA_LEVEL >= 1
   v16f r;
@@ -676,6 +677,9 @@ static inline __attribute__((always_inline)) v16f vfma16(v16f a, v16f b, v16f c)
 #endif
 }
 
+// exp(x) for x <= 0 (a logit minus its row maximum), ~2 ulp; below -87.3 it is 0, nan stays nan.
+// With fused multiply-adds about half the instructions of exp_f (written for
+// -ffp-contract=off).
 static inline __attribute__((always_inline)) v16f exp_nonpos16(v16f xin) {
   const v16f lo = splat16(-87.33654f);
   const v16f x = xin < lo ? lo : xin;
@@ -765,6 +769,8 @@ static inline void add_softmax_row(const typename D::T* __restrict row, int64_t 
 // the float32 probabilities are normal numbers with full relative precision; below it (logits
 // spread by more than ~70 in every replica) the row takes the log-sum-exp route.
 constexpr float kLogprobDirectMin = 7.8886090522101181e-31f;  // 2^-100
+// The backward's twin, on out_c = log(mean probability): just above log 2^-100 = -69.3.
+constexpr float kLogprobDirectLogMin = -69.0f;
 
 // scratch: 5*Cp + K floats (Cp = padded16(C))
 template <class D>
@@ -844,8 +850,8 @@ static void ens_bwd_t(const EnsArgs& a, int64_t b0, int64_t b1, float* scratch) 
   float* __restrict q = ov + Cp;
   float* __restrict invP = z;  // (z is free once ov is known)
   for (int64_t b = b0; b < b1; ++b) {
-    for (int64_t c = 0; c < C; ++c) g[c] = D::ld(gout + b * C, c);
-    for (int64_t c = C; c < Cp; ++c) g[c] = 0.0f;
+    load_row<D>(g, gout + b * C, C);
+    for (int64_t c = C; c < Cp; ++c) g[c] = 0.0f;  // (dot_f runs over whole vectors)
     bool direct = false;
     if (a.space == kLogprob) {
       // float32 `out` is what the forward stored; a 16-bit `out` is rounded (|out| ~ 10 in
@@ -857,7 +863,7 @@ static void ens_bwd_t(const EnsArgs& a, int64_t b0, int64_t b1, float* scratch) 
       // per row, then no exp per (k, c); else the bounded exp per element below
       float omin = __builtin_inff();
       for (int64_t c = 0; c < C; ++c) omin = ov[c] < omin ? ov[c] : omin;
-      direct = omin >= -69.0f;  // log 2^-100 = -69.3; false for nan
+      direct = omin >= kLogprobDirectLogMin;  // false for nan
       if (direct)
         for (int64_t c = 0; c < C; ++c) invP[c] = exp_f(-ov[c]);  // 1 / P_c <= 2^100
     }

@@ -198,31 +198,38 @@ int find_omp(struct dl_phdr_info* info, size_t, void* data) {
 
 enum Mode : int { kAuto = 0, kOpenMP = 1, kPool = 2 };
 
+// "auto" | "openmp" | "pool" -> mode; false for anything else.
+bool parse_mode(const char* s, int* mode) {
+  if (strcmp(s, "auto") == 0) *mode = kAuto;
+  else if (strcmp(s, "openmp") == 0) *mode = kOpenMP;
+  else if (strcmp(s, "pool") == 0) *mode = kPool;
+  else return false;
+  return true;
+}
+
 struct Threading {
-  std::mutex m;
-  bool searched = false;
+  std::once_flag searched;
   OmpRuntime rt;
   pid_t owner = 0;  // the process that found rt (a forked child must not use it)
   std::atomic<int> mode{kAuto};
 
   Threading() {
+    // (an unknown value stays auto here; the Python backend reports it as unavailable)
+    int m = kAuto;
     const char* env = getenv("CDK_CPU_THREADS");
-    if (env && strcmp(env, "pool") == 0) mode = kPool;
-    else if (env && strcmp(env, "openmp") == 0) mode = kOpenMP;
+    if (env && parse_mode(env, &m)) mode = m;
   }
 
-  // The runtime to use now, or nullptr for the pool. Searched on first use (torch is imported
-  // before any op runs, so its runtime is loaded by then).
+  // The runtime to use now, or nullptr for the pool. Searched once, on first use (torch is
+  // imported before any op runs, so its runtime is loaded by then); no lock afterwards.
   GompParallel runtime() {
     if (mode.load(std::memory_order_relaxed) == kPool) return nullptr;
-    std::lock_guard<std::mutex> g(m);
-    if (!searched) {
-      searched = true;
+    std::call_once(searched, [this] {
 #if defined(__linux__)
       dl_iterate_phdr(find_omp, &rt);
 #endif  // (elsewhere: the pool)
       owner = getpid();
-    }
+    });
     return owner == getpid() ? rt.parallel : nullptr;
   }
 };
@@ -256,10 +263,9 @@ std::string cpu_threading() {
 }
 
 bool set_cpu_threading(const std::string& mode) {
-  if (mode == "auto") threading().mode = kAuto;
-  else if (mode == "openmp") threading().mode = kOpenMP;
-  else if (mode == "pool") threading().mode = kPool;
-  else return false;
+  int m;
+  if (!parse_mode(mode.c_str(), &m)) return false;
+  threading().mode = m;
   return true;
 }
 
