@@ -25,7 +25,10 @@ noise-free arm (same seeds, same images) with bootstrap 95 % intervals over imag
 Resumable and cached: every (arm, seed) is trained once (``--work``/ARM_sSEED, resumed from
 its checkpoint if stopped) and evaluated once (eval_*.json keyed by the evaluation settings);
 a rerun only does what is missing, then rebuilds the table. A progress line says what is done
-and what remains.
+and what remains. ``--records DIR`` also keeps each finished (arm, seed)'s records (the training
+summary and the per-image evaluation, tens of kB, no weights) in a folder that can be committed,
+so that a run spread over several machines continues where it stopped: a unit whose records are
+there with the same settings is neither trained nor evaluated again.
 
     python bench/reproduce.py --quick            # CI smoke test: digits, tiny, ~1 min
     python bench/reproduce.py                    # the CPU protocol (hours on 2 cores)
@@ -206,6 +209,55 @@ def train_unit(cfg, arm, seed, device, work, data_dir):
         raise RuntimeError(f"training failed ({rc}): python -m cdkernels.train "
                            + " ".join(argv))
     return json.load(open(summ)), False
+
+
+def _train_key(argv):
+    """A unit's training settings without where it writes or reads (--out, --data-dir)."""
+    key, it = [], iter(argv)
+    for x in it:
+        if x in ("--out", "--data-dir"):
+            next(it, None)
+        else:
+            key.append(x)
+    return key
+
+
+def load_records(records, cfg, arm, seed, device, data_dir):
+    """The archived (summary, evaluation) of a finished unit with these exact settings, or None."""
+    if not records:
+        return None
+    rdir = os.path.join(records, f"{arm}_s{seed}")
+    paths = [os.path.join(rdir, f) for f in
+             ("train_key.json", "summary.json", f"eval_{_hash(eval_settings(cfg, seed))}.json")]
+    key = _train_key(train_argv(cfg, arm, seed, device, "", data_dir))
+    if os.path.isfile(paths[0]) and json.load(open(paths[0])) != key:
+        raise SystemExit(f"reproduce: error: {rdir} holds a unit trained with other settings "
+                         f"({' '.join(json.load(open(paths[0])))}); give this protocol its own "
+                         "--records folder")
+    if not all(os.path.isfile(q) for q in paths):
+        return None
+    summ, ev = json.load(open(paths[1])), json.load(open(paths[2]))
+    if not (summ.get("finished") and summ.get("epochs_done") == cfg["epochs"]):
+        return None
+    return summ, ev
+
+
+def save_records(records, cfg, arm, seed, device, data_dir, summ, ev):
+    """Archive a finished unit's records (written to a temporary name, then renamed)."""
+    rdir = os.path.join(records, f"{arm}_s{seed}")
+    os.makedirs(rdir, exist_ok=True)
+    key = _train_key(train_argv(cfg, arm, seed, device, "", data_dir))
+    old = os.path.join(rdir, "summary.json")
+    if os.path.isfile(old) and json.load(open(old)) != summ:  # retrained: old evals are stale
+        for f in os.listdir(rdir):
+            if f.startswith("eval_"):
+                os.remove(os.path.join(rdir, f))
+    for name, obj in (("summary.json", summ), (f"eval_{_hash(ev['settings'])}.json", ev),
+                      ("train_key.json", key)):
+        tmp = os.path.join(rdir, name + ".tmp")
+        with open(tmp, "w") as fh:
+            json.dump(obj, fh, indent=None, separators=(",", ":"))
+        os.replace(tmp, os.path.join(rdir, name))
 
 
 def eval_settings(cfg, seed):
@@ -415,6 +467,8 @@ def build_parser():
                    "rerunning continues there")
     p.add_argument("--tag", default=None, help="name of the result (default: the mode); "
                    "the table goes between <!-- reproduce:TAG:begin/end --> in --md")
+    p.add_argument("--records", default=None, help="folder of finished units' records (no "
+                   "weights; commit it): units found there are reused, new ones are added")
     p.add_argument("--json", default=None, help="all records (default WORK/results.json)")
     p.add_argument("--md", default=os.path.join(ROOT, "docs", "results.md"),
                    help="Markdown file that receives the table")
@@ -470,9 +524,20 @@ def main(argv=None) -> int:
     units = [(k, a, s) for s in seeds for a in arms for k in ("train", "eval")]
     prog = Progress([f"{k} {a} seed {s}" for k, a, s in units], log)
     summaries, evals = {}, {}
+    archived = {}
     for kind, a, s in units:
         name = f"{kind} {a} seed {s}"
         if kind == "eval" and args.train_only:
+            continue
+        if kind == "train" and (a, s) not in archived:
+            archived[(a, s)] = load_records(args.records, cfg, a, s, device, args.data_dir)
+        if archived[(a, s)] is not None:  # finished on some machine: its records, as they are
+            prog.start(name + f" (records in {args.records})", True)
+            if kind == "train":
+                summaries[(a, s)] = archived[(a, s)][0]
+            else:
+                evals[(a, s)] = archived[(a, s)][1]
+            prog.finish(name, True)
             continue
         out = os.path.join(work, f"{a}_s{s}")
         cached = (os.path.isfile(os.path.join(out, "summary.json")) if kind == "train"
@@ -487,6 +552,9 @@ def main(argv=None) -> int:
                 f"{summaries[(a, s)]['time_s'] / 60:.1f} min")
         else:
             evals[(a, s)], cached = eval_unit(cfg, a, s, device, work, args.data_dir, log)
+            if args.records:
+                save_records(args.records, cfg, a, s, device, args.data_dir,
+                             summaries[(a, s)], evals[(a, s)])
         prog.finish(name, cached)
     if args.train_only:
         log("trained every unit (--train-only)")

@@ -44,3 +44,24 @@ def test_quick_protocol_and_cache(tmp_path):
     out = _run(work, md, "--arms", "std0.1")
     assert "now: train" not in out and "now: eval" not in out
     assert "std coef 0.1" in open(md).read()
+
+
+def test_records_carry_a_run_to_another_machine(tmp_path):
+    """--records keeps finished units (no weights); a fresh work folder (another machine) reuses
+    them, and different settings are not mistaken for them."""
+    rec, md = str(tmp_path / "records"), str(tmp_path / "results.md")
+    _run(str(tmp_path / "w1"), md, "--arms", "none", "--records", rec)
+    files = sorted(os.listdir(os.path.join(rec, "none_s0")))
+    assert files[0].startswith("eval_") and files[1:] == ["summary.json", "train_key.json"]
+    assert not any(f.endswith(".pt") for f in files)
+    before = open(md).read()
+    out = _run(str(tmp_path / "w2"), md, "--arms", "none", "--records", rec)
+    assert "now:" not in out and out.count("cached:") == 2
+    assert not os.path.exists(os.path.join(tmp_path, "w2", "none_s0", "best.pt"))
+    assert open(md).read().split("<!-- reproduce:quick:begin -->")[1].split("\n\n", 1)[1] \
+        == before.split("<!-- reproduce:quick:begin -->")[1].split("\n\n", 1)[1]
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "reproduce.py"), "--quick", "--arms",
+           "none", "--work", str(tmp_path / "w3"), "--md", md, "--records", rec, "--lr", "0.04"]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode != 0 and "trained with other settings" in r.stderr
+    assert sorted(os.listdir(os.path.join(rec, "none_s0"))) == files  # untouched
