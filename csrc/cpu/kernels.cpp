@@ -30,9 +30,10 @@
 #undef CDK_ISA_LEVEL
 
 #if CDK_X86_CLONES
-// GCC 12's AVX-512 intrinsic headers trip its own -Wmaybe-uninitialized (_mm512_undefined_*)
+// GCC 12's AVX-512 intrinsic headers trip its own -W(maybe-)uninitialized (_mm512_undefined_*)
 #pragma GCC diagnostic push
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
 #pragma GCC push_options
 #pragma GCC target("avx2,fma")
 #define CDK_ISA_NS isa_avx2

@@ -30,20 +30,7 @@ constexpr int TILE = 512;
 // arithmetic, so the words are bit-identical to cdk::philox4x32_10 (tests/test_noise.py).
 constexpr int PHILOX_SOA = 128;
 
-#if CDK_ISA_LEVEL == 2
-// hi and lo 32-bit halves of m * c for 16 lanes.
-static inline __attribute__((always_inline)) void mulhilo16(__m512i m, __m512i c, __m512i* hi,
-                                                            __m512i* lo) {
-  // Lane moves are vpshufd (port 5), not 64-bit shifts: vpmuludq and the shifts both need
-  // port 0 on 512-bit vectors, which made port 0 the bottleneck of the rounds.
-  const __m512i pe = _mm512_mul_epu32(c, m);                                    // even lanes
-  const __m512i po = _mm512_mul_epu32(_mm512_shuffle_epi32(c, (_MM_PERM_ENUM)0xF5), m);  // odd
-  *hi = _mm512_mask_blend_epi32((__mmask16)0xAAAA, _mm512_shuffle_epi32(pe, (_MM_PERM_ENUM)0xF5),
-                                po);
-  *lo = _mm512_mask_blend_epi32((__mmask16)0xAAAA, pe,
-                                _mm512_shuffle_epi32(po, (_MM_PERM_ENUM)0xA0));
-}
-#elif CDK_ISA_LEVEL == 1
+#if CDK_ISA_LEVEL == 1
 static inline __attribute__((always_inline)) void mulhilo8(__m256i m, __m256i c, __m256i* hi,
                                                            __m256i* lo) {
   const __m256i pe = _mm256_mul_epu32(c, m);
@@ -58,28 +45,66 @@ static void philox_soa(uint32_t (*__restrict w)[PHILOX_SOA], uint32_t lo0, uint3
   int i = 0;
 #if CDK_ISA_LEVEL == 2
   {
+    // Each word of 8 blocks sits in the low halves of the 64-bit lanes of one register, two
+    // registers per 16 blocks. vpmuludq reads only the low halves (what the high halves hold
+    // does not matter), so a round is 2 vpmuludq + 2 vpshufd (the high product half moved
+    // down) + 2 vpternlogd per 8 blocks: 12 instructions per 16 blocks instead of the 16 of
+    // the packed form (16 lanes per register, whose hi/lo halves need two blends), split evenly
+    // between ports 0 and 5.
+    // Rounds 1 and 2 are peeled: only c0 differs between blocks at the start, so round 1's
+    // second product (sample * M1) and round 2's first (of round 1's c0 = hi(sample M1) ^ hi ^
+    // k0) are the same for every block, computed once here: 2 products of 4 fewer per block.
     const __m512i M0 = _mm512_set1_epi32((int)0xD2511F53u), M1 = _mm512_set1_epi32((int)0xCD9E8D57u);
-    const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+    const __m512i lane = _mm512_setr_epi64(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m512i pack = _mm512_setr_epi32(0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30);
+    const uint64_t s1 = (uint64_t)sample * 0xCD9E8D57u;                 // round 1, mulhilo(M1, c2)
+    const uint32_t r1c0 = (uint32_t)(s1 >> 32) ^ hi ^ k0, r1c1 = (uint32_t)s1;
+    const uint32_t k0r2 = k0 + 0x9E3779B9u, k1r2 = k1 + 0xBB67AE85u;
+    const uint64_t s0 = (uint64_t)r1c0 * 0xD2511F53u;                   // round 2, mulhilo(M0, c0)
+    const __m512i r2x0 = _mm512_set1_epi32((int)(r1c1 ^ k0r2));         // c0'' = hi(c2' M1) ^ this
+    const __m512i r2x2 = _mm512_set1_epi32((int)((uint32_t)(s0 >> 32) ^ k1r2));  // c2'' = c3' ^ this
+    const __m512i r2c3 = _mm512_set1_epi32((int)(uint32_t)s0);
+    const __m512i k1v = _mm512_set1_epi32((int)k1);
     for (; i + 16 <= nb; i += 16) {
-      __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32((int)(lo0 + (uint32_t)i)), lane);
-      __m512i c1 = _mm512_set1_epi32((int)hi), c2 = _mm512_set1_epi32((int)sample);
-      __m512i c3 = _mm512_setzero_si512();
-      uint32_t a = k0, b = k1;
-      for (int r = 0; r < 10; ++r) {
-        __m512i hi0, lo0v, hi1, lo1;
-        mulhilo16(M0, c0, &hi0, &lo0v);
-        mulhilo16(M1, c2, &hi1, &lo1);
-        c0 = _mm512_ternarylogic_epi32(hi1, c1, _mm512_set1_epi32((int)a), 0x96);  // 3-way xor
-        c2 = _mm512_ternarylogic_epi32(hi0, c3, _mm512_set1_epi32((int)b), 0x96);
-        c1 = lo1;
-        c3 = lo0v;
+      const __m512i base = _mm512_set1_epi64((long long)(lo0 + (uint32_t)i));
+      const __m512i c0a0 = _mm512_add_epi64(base, lane);  // low halves: lo0 + i + j mod 2^32
+      const __m512i c0b0 = _mm512_add_epi64(c0a0, _mm512_set1_epi64(8));
+      // round 1: c0' (constant), c1' = lo(sample M1) (constant), c2' = hi(c0 M0) ^ k1, c3' = lo
+      const __m512i p0a = _mm512_mul_epu32(c0a0, M0), p0b = _mm512_mul_epu32(c0b0, M0);
+      const __m512i c2a1 = _mm512_xor_si512(_mm512_shuffle_epi32(p0a, (_MM_PERM_ENUM)0xF5), k1v);
+      const __m512i c2b1 = _mm512_xor_si512(_mm512_shuffle_epi32(p0b, (_MM_PERM_ENUM)0xF5), k1v);
+      // round 2: c0'' = hi(c2' M1) ^ c1' ^ key, c1'' = lo(c2' M1), c2'' = hi(c0' M0) ^ c3' ^ key,
+      // c3'' = lo(c0' M0) (constant)
+      const __m512i p1a = _mm512_mul_epu32(c2a1, M1), p1b = _mm512_mul_epu32(c2b1, M1);
+      __m512i c0a = _mm512_xor_si512(_mm512_shuffle_epi32(p1a, (_MM_PERM_ENUM)0xF5), r2x0);
+      __m512i c0b = _mm512_xor_si512(_mm512_shuffle_epi32(p1b, (_MM_PERM_ENUM)0xF5), r2x0);
+      __m512i c1a = p1a, c1b = p1b;
+      __m512i c2a = _mm512_xor_si512(p0a, r2x2), c2b = _mm512_xor_si512(p0b, r2x2);
+      __m512i c3a = r2c3, c3b = r2c3;
+      uint32_t a = k0r2 + 0x9E3779B9u, b = k1r2 + 0xBB67AE85u;
+      for (int r = 2; r < 10; ++r) {
+        const __m512i ka = _mm512_set1_epi32((int)a), kb = _mm512_set1_epi32((int)b);
+        const __m512i q0a = _mm512_mul_epu32(c0a, M0), q1a = _mm512_mul_epu32(c2a, M1);
+        const __m512i q0b = _mm512_mul_epu32(c0b, M0), q1b = _mm512_mul_epu32(c2b, M1);
+        c0a = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(q1a, (_MM_PERM_ENUM)0xF5), c1a, ka,
+                                        0x96);  // hi1 ^ c1 ^ key, 3-way xor
+        c2a = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(q0a, (_MM_PERM_ENUM)0xF5), c3a, kb,
+                                        0x96);
+        c0b = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(q1b, (_MM_PERM_ENUM)0xF5), c1b, ka,
+                                        0x96);
+        c2b = _mm512_ternarylogic_epi32(_mm512_shuffle_epi32(q0b, (_MM_PERM_ENUM)0xF5), c3b, kb,
+                                        0x96);
+        c1a = q1a;  // lo1 in the low halves
+        c3a = q0a;
+        c1b = q1b;
+        c3b = q0b;
         a += 0x9E3779B9u;
         b += 0xBB67AE85u;
       }
-      _mm512_store_si512((void*)(w[0] + i), c0);
-      _mm512_store_si512((void*)(w[1] + i), c1);
-      _mm512_store_si512((void*)(w[2] + i), c2);
-      _mm512_store_si512((void*)(w[3] + i), c3);
+      _mm512_store_si512((void*)(w[0] + i), _mm512_permutex2var_epi32(c0a, pack, c0b));
+      _mm512_store_si512((void*)(w[1] + i), _mm512_permutex2var_epi32(c1a, pack, c1b));
+      _mm512_store_si512((void*)(w[2] + i), _mm512_permutex2var_epi32(c2a, pack, c2b));
+      _mm512_store_si512((void*)(w[3] + i), _mm512_permutex2var_epi32(c3a, pack, c3b));
     }
   }
 #elif CDK_ISA_LEVEL == 1
@@ -184,6 +209,180 @@ static inline void split_at_wrap(Run run, T* __restrict out, int per, uint64_t s
 static void gen_normals(float* __restrict out, uint64_t seed, uint64_t block0, int nb,
                         uint32_t sample) {
   split_at_wrap(normals_run, out, 4, seed, block0, nb, sample);
+}
+
+// -- 16-lane vectors ----------------------------------------------------------------------------
+// GCC vector types of 16 floats: one zmm in the AVX-512 clone, two ymm in AVX2, four xmm in
+// baseline.
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
+static inline __attribute__((always_inline)) v16f ld16(const float* p) {
+  v16f v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+static inline __attribute__((always_inline)) void st16(float* p, v16f v) { memcpy(p, &v, sizeof v); }
+static inline __attribute__((always_inline)) v16f splat16(float x) { return v16f{} + x; }
+static inline __attribute__((always_inline)) v16f vmax16(v16f a, v16f b) { return a > b ? a : b; }
+
+static inline __attribute__((always_inline)) float hmax16(v16f v) {
+  const v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const v8f b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v8f m8 = a > b ? a : b;
+  const v4f c = __builtin_shufflevector(m8, m8, 0, 1, 2, 3);
+  const v4f d = __builtin_shufflevector(m8, m8, 4, 5, 6, 7);
+  const v4f m4 = c > d ? c : d;
+  const float x = m4[0] > m4[1] ? m4[0] : m4[1], y = m4[2] > m4[3] ? m4[2] : m4[3];
+  return x > y ? x : y;
+}
+static inline __attribute__((always_inline)) float hsum16(v16f v) {
+  const v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4f c = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (c[0] + c[1]) + (c[2] + c[3]);
+}
+
+// a*b + c, fused in the AVX2/AVX-512 clones (the ensemble math is not part of the noise spec)
+static inline __attribute__((always_inline)) v16f vfma16(v16f a, v16f b, v16f c) {
+#if CDK_ISA_LEVEL >= 1
+  v16f r;
+  for (int j = 0; j < 16; ++j) r[j] = __builtin_fmaf(a[j], b[j], c[j]);
+  return r;
+#else
+  return a * b + c;
+#endif
+}
+
+
+// -- the float32 stream's normals with fast transcendentals (docs/noise.md 3c): cd_smooth only --
+// cd_smooth averages K samples of act(x + s eps); its result depends on the distribution of eps,
+// not on its last bits (3c), and at K = 8 its time is the noise. The accurate Box-Muller spends
+// about a third of its time in log_unit's IEEE division and the IEEE square root (vdivps and
+// vsqrtps, the slow divider unit). Here the same words and the same uniforms go through:
+//   ln U = e ln2 + f P(f), U = (1 + f) 2^e with 1 + f in [sqrt(1/2), sqrt(2)) (f exact), P a
+//     degree-6 fit of log1p(f)/f: relative error 1.5e-6 evaluated in float32 (no division);
+//   r = sqrt(t), t = -2 ln U, by vsqrtps: exact, and alone (without the division) it keeps up
+//     with the rest of the loop (rsqrt14 plus a Newton step measured 2-4 % slower, in noise);
+//   the accurate angle: the same quarter-turn reduction, polynomials and rotation.
+// So |eps_fast - eps| <= 1e-6 r, inside 3c's bound of 2^-18 r = 3.8e-6 r
+// (tests/test_cd_smooth.py::test_cpu_fast_normals_within_the_3c_bound).
+static inline __attribute__((always_inline)) void box_muller_fast16(v16u wa, v16u wb,
+                                                                    v16f* out_cos, v16f* out_sin) {
+  // U(w) 2^24 = 2 (w >> 9) + 1 = (w >> 8) | 1, an odd integer below 2^24 (exact in float32)
+  const v16u na = (wa >> 8) | 1u, nb = (wb >> 8) | 1u;
+  // -ln U, split as in cdk::log_unit (mantissa shifted into [sqrt(1/2), sqrt(2))), read off
+  // the float of U 2^24: the same mantissa, the exponent 24 higher
+  const v16u adj = (v16u)__builtin_convertvector((v16i)na, v16f) + (0x3f800000u - 0x3f3504f3u);
+  const v16f e = __builtin_convertvector((v16i)(adj >> 23) - (127 + 24), v16f);
+  const v16f f = (v16f)((adj & 0x007fffffu) + 0x3f3504f3u) - 1.0f;  // exact (Sterbenz)
+  v16f p = splat16(0.12210112065076828f);
+  p = vfma16(p, f, splat16(-0.18781527876853943f));
+  p = vfma16(p, f, splat16(0.20454612374305725f));
+  p = vfma16(p, f, splat16(-0.24896912276744843f));
+  p = vfma16(p, f, splat16(0.3331604301929474f));
+  p = vfma16(p, f, splat16(-0.5000139474868774f));
+  p = vfma16(p, f, splat16(1.0000008344650269f));
+  const v16f t = vfma16(e, splat16(0.693147182f), f * p) * -2.0f;  // -2 ln U in (0, 33.3]
+  v16f r;
+  for (int j = 0; j < 16; ++j) r[j] = __builtin_sqrtf(t[j]);
+  // The angle of cdk::box_muller_u in integers: q = round(4U) = (n + 2^21) >> 22 and
+  // (U - q/4) 2^24 = n - q 2^22, exact; times 2 pi 2^-24 it is the same float as 2 pi (U - q/4)
+  // (a power-of-two scaling commutes with the rounding).
+  const v16u qu = (nb + (1u << 21)) >> 22;
+  const v16f x = __builtin_convertvector((v16i)(nb - (qu << 22)), v16f) *
+                 (6.28318530717958647692f * 5.9604644775390625e-08f);
+  const v16f z = x * x;
+  const v16f ps = vfma16(z, vfma16(z, splat16(-1.9515295891e-4f), splat16(8.3321608736e-3f)),
+                         splat16(-1.6666654611e-1f));
+  const v16f sn = vfma16(x * z, ps, x);
+  const v16f pc = vfma16(z, vfma16(z, splat16(2.443315711809948e-5f),
+                                   splat16(-1.388731625493765e-3f)),
+                         splat16(4.166664568298827e-2f));
+  const v16f cs = vfma16(splat16(-0.5f), z, splat16(1.0f)) + (z * z) * pc;
+  // rotate by q quarter turns (swap when q is odd, sign flips for q mod 4 in {1, 2} and {2, 3})
+#if CDK_ISA_LEVEL == 2  // one vptestmd, two masked moves, two vpternlogd (GCC: eleven ops)
+  const __mmask16 odd = _mm512_test_epi32_mask((__m512i)qu, _mm512_set1_epi32(1));
+  const __m512 a = _mm512_mask_blend_ps(odd, (__m512)cs, (__m512)sn);
+  const __m512 b = _mm512_mask_blend_ps(odd, (__m512)sn, (__m512)cs);
+  const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
+  // 0x78 = A ^ (B & C): the sign bit of (q + 1) << 30 resp. q << 30 flips a resp. b
+  const __m512i ca = _mm512_ternarylogic_epi32((__m512i)a, (__m512i)((qu + 1u) << 30), sign, 0x78);
+  const __m512i sb = _mm512_ternarylogic_epi32((__m512i)b, (__m512i)(qu << 30), sign, 0x78);
+  *out_cos = r * (v16f)ca;
+  *out_sin = r * (v16f)sb;
+#else
+  const v16i odd = (v16i)((qu & 1u) != 0u);
+  const v16f a = odd ? sn : cs, b = odd ? cs : sn;
+  *out_cos = r * (v16f)((v16u)a ^ (((qu + 1u) << 30) & 0x80000000u));
+  *out_sin = r * (v16f)((v16u)b ^ ((qu << 30) & 0x80000000u));
+#endif
+}
+
+static inline __attribute__((always_inline)) v16u ldu16(const uint32_t* p) {
+  v16u v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+
+// Calls use(p, e, cnt) for the fast normals of blocks block0 .. block0 + nb - 1 in runs of 16:
+// lanes j < cnt of e are stream elements 4 block0 + p + j (cnt < 16 only at a run's end; the
+// other lanes are garbage). 16 blocks (64 normals) per step, the four normals of each block
+// interleaved back into stream order; split where the low counter word wraps.
+template <class Use>
+static inline void fast_normals_apply(uint64_t seed, uint64_t block0, int nb, uint32_t sample,
+                                      Use&& use) {
+  const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
+  auto run = [&](uint32_t lo0, uint32_t hi, int n, int pos0) {
+    philox_chunks(lo0, hi, sample, k0, k1, n, [&](uint32_t (*w)[PHILOX_SOA], int i0, int m) {
+      for (int i = 0; i < m; i += 16) {  // lanes past m (last step) compute on stale words
+        v16f n0, n1, n2, n3;
+        box_muller_fast16(ldu16(w[0] + i), ldu16(w[1] + i), &n0, &n1);
+        box_muller_fast16(ldu16(w[2] + i), ldu16(w[3] + i), &n2, &n3);
+        const v16f a = __builtin_shufflevector(n0, n1, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21,
+                                               6, 22, 7, 23);
+        const v16f b = __builtin_shufflevector(n0, n1, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13,
+                                               29, 14, 30, 15, 31);
+        const v16f c = __builtin_shufflevector(n2, n3, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21,
+                                               6, 22, 7, 23);
+        const v16f d = __builtin_shufflevector(n2, n3, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13,
+                                               29, 14, 30, 15, 31);
+        const int p = pos0 + 4 * (i0 + i), left = 4 * (m - i);
+        use(p, __builtin_shufflevector(a, c, 0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22,
+                                       23), left < 16 ? left : 16);
+        if (left > 16)
+          use(p + 16, __builtin_shufflevector(a, c, 8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29,
+                                              14, 15, 30, 31), left - 16 < 16 ? left - 16 : 16);
+        if (left > 32)
+          use(p + 32, __builtin_shufflevector(b, d, 0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6,
+                                              7, 22, 23), left - 32 < 16 ? left - 32 : 16);
+        if (left > 48)
+          use(p + 48, __builtin_shufflevector(b, d, 8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29,
+                                              14, 15, 30, 31), left - 48 < 16 ? left - 48 : 16);
+      }
+    });
+  };
+  const uint32_t lo0 = (uint32_t)block0, hi = (uint32_t)(block0 >> 32);
+  const int first = (int)blocks_before_wrap(lo0, nb);
+  run(lo0, hi, first, 0);
+  if (first < nb) run(0u, hi + 1u, nb - first, 4 * first);
+}
+
+// The fast normals of blocks block0 .. block0 + nb - 1 into out (cd_smooth's backward).
+static void gen_normals_fast(float* __restrict out, uint64_t seed, uint64_t block0, int nb,
+                             uint32_t sample) {
+  fast_normals_apply(seed, block0, nb, sample, [&](int p, v16f e, int cnt) {
+    if (cnt == 16) {
+      st16(out + p, e);
+    } else {
+      alignas(64) float q[16];
+      st16(q, e);
+      memcpy(out + p, q, sizeof(float) * cnt);
+    }
+  });
 }
 
 // The 16-bit stream (docs/noise.md 3b): the eight float32 normals per block, before the
@@ -425,13 +624,23 @@ static void k_cd_step_bwd(const PointArgs& a, int64_t begin, int64_t end, double
 }
 
 // -- cd_smooth --------------------------------------------------------------------------------
+// x + s eps, one rounding where the clone has FMA (forward and backward alike, so relu's
+// derivative is taken at the forward's point)
+static inline __attribute__((always_inline)) float smooth_z(float x, float s, float e) {
+#if CDK_ISA_LEVEL >= 1
+  return __builtin_fmaf(s, e, x);
+#else
+  return x + s * e;
+#endif
+}
+
 template <int ACT, bool PS>
 static inline void smooth_fwd_acc(float* __restrict acc, const float* __restrict xb,
                                   const float* __restrict eps, const float* __restrict sig,
                                   float sc, int len) {
   for (int i = 0; i < len; ++i) {
     const float s = PS ? sig[i] : sc;
-    acc[i] += act_fwd<ACT>(xb[i] + s * eps[i]);
+    acc[i] += act_fwd<ACT>(smooth_z(xb[i], s, eps[i]));
   }
 }
 
@@ -452,7 +661,7 @@ static void smooth_fwd_t(const PointArgs& a, int64_t begin, int64_t end) {
     float sc = 0.0f;
     const bool uni = tile_sigma(a, p0, len, sig, &sc);
     for (int64_t k = 0; k < a.samples; ++k) {
-      gen_normals(eps, a.seed, a.offset + (uint64_t)(p0 / 4), (len + 3) / 4, (uint32_t)k);
+      gen_normals_fast(eps, a.seed, a.offset + (uint64_t)(p0 / 4), (len + 3) / 4, (uint32_t)k);
       if (uni) smooth_fwd_acc<ACT, false>(acc, xb, eps, sig, sc, len);
       else smooth_fwd_acc<ACT, true>(acc, xb, eps, sig, sc, len);
     }
@@ -467,7 +676,7 @@ static inline void smooth_bwd_acc(float* __restrict dx, float* __restrict ds,
                                   const float* __restrict sig, float sc, int len) {
   for (int i = 0; i < len; ++i) {
     const float s = PS ? sig[i] : sc;
-    const float d = act_grad<ACT>(xb[i] + s * eps[i]);
+    const float d = act_grad<ACT>(smooth_z(xb[i], s, eps[i]));
     dx[i] += d;
     if (GS) ds[i] += d * eps[i];
   }
@@ -493,7 +702,7 @@ static void smooth_bwd_t(const PointArgs& a, int64_t begin, int64_t end, double*
     float sc = 0.0f;
     const bool uni = tile_sigma(a, p0, len, sig, &sc);
     for (int64_t k = 0; k < a.samples; ++k) {
-      gen_normals(eps, a.seed, a.offset + (uint64_t)(p0 / 4), (len + 3) / 4, (uint32_t)k);
+      gen_normals_fast(eps, a.seed, a.offset + (uint64_t)(p0 / 4), (len + 3) / 4, (uint32_t)k);
       if (uni) {
         if (gs) smooth_bwd_acc<ACT, false, true>(dx, ds, xb, eps, sig, sc, len);
         else smooth_bwd_acc<ACT, false, false>(dx, ds, xb, eps, sig, sc, len);
@@ -632,51 +841,9 @@ static void logprob_row(const typename D::T* inp, int64_t b, int64_t K, int64_t 
 static inline int64_t padded16(int64_t C) { return (C + 15) & ~(int64_t)15; }
 
 // The softmax of a padded row in GCC vector types (16 floats: one zmm in the AVX-512 clone,
-// two ymm in AVX2, four xmm in baseline): loops written with scalar partial arrays spilled the
-// partial maxima and sums through the stack (store-forwarding stalls) at every row.
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
-typedef float v8f __attribute__((vector_size(32)));
-typedef float v4f __attribute__((vector_size(16)));
-
-static inline __attribute__((always_inline)) v16f ld16(const float* p) {
-  v16f v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
-static inline __attribute__((always_inline)) void st16(float* p, v16f v) { memcpy(p, &v, sizeof v); }
-static inline __attribute__((always_inline)) v16f splat16(float x) { return v16f{} + x; }
-static inline __attribute__((always_inline)) v16f vmax16(v16f a, v16f b) { return a > b ? a : b; }
-
-static inline __attribute__((always_inline)) float hmax16(v16f v) {
-  const v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-  const v8f b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v8f m8 = a > b ? a : b;
-  const v4f c = __builtin_shufflevector(m8, m8, 0, 1, 2, 3);
-  const v4f d = __builtin_shufflevector(m8, m8, 4, 5, 6, 7);
-  const v4f m4 = c > d ? c : d;
-  const float x = m4[0] > m4[1] ? m4[0] : m4[1], y = m4[2] > m4[3] ? m4[2] : m4[3];
-  return x > y ? x : y;
-}
-static inline __attribute__((always_inline)) float hsum16(v16f v) {
-  const v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v4f c = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (c[0] + c[1]) + (c[2] + c[3]);
-}
-
-// a*b + c, fused in the AVX2/AVX-512 clones (the ensemble math is not part of the noise spec)
-static inline __attribute__((always_inline)) v16f vfma16(v16f a, v16f b, v16f c) {
-#if CDK_ISA_LEVEL >= 1
-  v16f r;
-  for (int j = 0; j < 16; ++j) r[j] = __builtin_fmaf(a[j], b[j], c[j]);
-  return r;
-#else
-  return a * b + c;
-#endif
-}
-
+// two ymm in AVX2, four xmm in baseline; defined above the fast normals): loops written with
+// scalar partial arrays spilled the partial maxima and sums through the stack
+// (store-forwarding stalls) at every row.
 // exp(x) for x <= 0 (a logit minus its row maximum), ~2 ulp; below -87.3 it is 0, nan stays nan.
 // With fused multiply-adds about half the instructions of exp_f (written for
 // -ffp-contract=off).
