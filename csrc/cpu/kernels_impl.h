@@ -269,7 +269,7 @@ static inline __attribute__((always_inline)) v16f vfma16(v16f a, v16f b, v16f c)
 //     with the rest of the loop (rsqrt14 plus a Newton step measured 2-4 % slower, in noise);
 //   the accurate angle: the same quarter-turn reduction, polynomials and rotation.
 // So |eps_fast - eps| <= 1e-6 r, inside 3c's bound of 2^-18 r = 3.8e-6 r
-// (tests/test_cd_smooth.py::test_cpu_fast_normals_within_the_3c_bound).
+// (tests/test_cpu_simd.py::test_cd_smooth_fast_normals_within_the_3c_bound).
 static inline __attribute__((always_inline)) void box_muller_fast16(v16u wa, v16u wb,
                                                                     v16f* out_cos, v16f* out_sin) {
   // U(w) 2^24 = 2 (w >> 9) + 1 = (w >> 8) | 1, an odd integer below 2^24 (exact in float32)
@@ -328,61 +328,45 @@ static inline __attribute__((always_inline)) v16u ldu16(const uint32_t* p) {
   return v;
 }
 
-// Calls use(p, e, cnt) for the fast normals of blocks block0 .. block0 + nb - 1 in runs of 16:
-// lanes j < cnt of e are stream elements 4 block0 + p + j (cnt < 16 only at a run's end; the
-// other lanes are garbage). 16 blocks (64 normals) per step, the four normals of each block
-// interleaved back into stream order; split where the low counter word wraps.
-template <class Use>
-static inline void fast_normals_apply(uint64_t seed, uint64_t block0, int nb, uint32_t sample,
-                                      Use&& use) {
-  const uint32_t k0 = (uint32_t)seed, k1 = (uint32_t)(seed >> 32);
-  auto run = [&](uint32_t lo0, uint32_t hi, int n, int pos0) {
-    philox_chunks(lo0, hi, sample, k0, k1, n, [&](uint32_t (*w)[PHILOX_SOA], int i0, int m) {
-      for (int i = 0; i < m; i += 16) {  // lanes past m (last step) compute on stale words
-        v16f n0, n1, n2, n3;
-        box_muller_fast16(ldu16(w[0] + i), ldu16(w[1] + i), &n0, &n1);
-        box_muller_fast16(ldu16(w[2] + i), ldu16(w[3] + i), &n2, &n3);
-        const v16f a = __builtin_shufflevector(n0, n1, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21,
-                                               6, 22, 7, 23);
-        const v16f b = __builtin_shufflevector(n0, n1, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13,
-                                               29, 14, 30, 15, 31);
-        const v16f c = __builtin_shufflevector(n2, n3, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21,
-                                               6, 22, 7, 23);
-        const v16f d = __builtin_shufflevector(n2, n3, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13,
-                                               29, 14, 30, 15, 31);
-        const int p = pos0 + 4 * (i0 + i), left = 4 * (m - i);
-        use(p, __builtin_shufflevector(a, c, 0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7, 22,
-                                       23), left < 16 ? left : 16);
-        if (left > 16)
-          use(p + 16, __builtin_shufflevector(a, c, 8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29,
-                                              14, 15, 30, 31), left - 16 < 16 ? left - 16 : 16);
-        if (left > 32)
-          use(p + 32, __builtin_shufflevector(b, d, 0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6,
-                                              7, 22, 23), left - 32 < 16 ? left - 32 : 16);
-        if (left > 48)
-          use(p + 48, __builtin_shufflevector(b, d, 8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28, 29,
-                                              14, 15, 30, 31), left - 48 < 16 ? left - 48 : 16);
-      }
-    });
-  };
-  const uint32_t lo0 = (uint32_t)block0, hi = (uint32_t)(block0 >> 32);
-  const int first = (int)blocks_before_wrap(lo0, nb);
-  run(lo0, hi, first, 0);
-  if (first < nb) run(0u, hi + 1u, nb - first, 4 * first);
-}
-
-// The fast normals of blocks block0 .. block0 + nb - 1 into out (cd_smooth's backward).
-static void gen_normals_fast(float* __restrict out, uint64_t seed, uint64_t block0, int nb,
-                             uint32_t sample) {
-  fast_normals_apply(seed, block0, nb, sample, [&](int p, v16f e, int cnt) {
-    if (cnt == 16) {
-      st16(out + p, e);
-    } else {
-      alignas(64) float q[16];
-      st16(q, e);
-      memcpy(out + p, q, sizeof(float) * cnt);
+// As normals_run, with box_muller_fast16: 16 blocks (64 normals) per step, the four normals of
+// each block interleaved back into stream order.
+static void normals_fast_run(float* __restrict out, uint32_t lo0, uint32_t hi, uint32_t sample,
+                             uint32_t k0, uint32_t k1, int nb) {
+  philox_chunks(lo0, hi, sample, k0, k1, nb, [&](uint32_t (*w)[PHILOX_SOA], int i0, int m) {
+    float* o = out + 4 * i0;
+    for (int i = 0; i < m; i += 16) {  // lanes past m (last step) compute on stale words
+      v16f n0, n1, n2, n3;
+      box_muller_fast16(ldu16(w[0] + i), ldu16(w[1] + i), &n0, &n1);
+      box_muller_fast16(ldu16(w[2] + i), ldu16(w[3] + i), &n2, &n3);
+      const v16f a = __builtin_shufflevector(n0, n1, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21,
+                                             6, 22, 7, 23);
+      const v16f b = __builtin_shufflevector(n0, n1, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13,
+                                             29, 14, 30, 15, 31);
+      const v16f c = __builtin_shufflevector(n2, n3, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21,
+                                             6, 22, 7, 23);
+      const v16f d = __builtin_shufflevector(n2, n3, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13,
+                                             29, 14, 30, 15, 31);
+      alignas(64) float q[64];
+      float* dst = i + 16 <= m ? o + 4 * i : q;
+      st16(dst, __builtin_shufflevector(a, c, 0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7,
+                                        22, 23));
+      st16(dst + 16, __builtin_shufflevector(a, c, 8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28,
+                                             29, 14, 15, 30, 31));
+      st16(dst + 32, __builtin_shufflevector(b, d, 0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6,
+                                             7, 22, 23));
+      st16(dst + 48, __builtin_shufflevector(b, d, 8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28,
+                                             29, 14, 15, 30, 31));
+      if (dst == q) memcpy(o + 4 * i, q, sizeof(float) * 4 * (m - i));
     }
   });
+}
+
+// The fast normals of blocks block0 .. block0 + nb - 1 (cd_smooth's samples). An eps buffer in
+// L1 costs no more than consuming the registers directly: a fused version measured the same
+// (the loop is bound by ports 0 and 5, not by the loads and stores).
+static void gen_normals_fast(float* __restrict out, uint64_t seed, uint64_t block0, int nb,
+                             uint32_t sample) {
+  split_at_wrap(normals_fast_run, out, 4, seed, block0, nb, sample);
 }
 
 // The 16-bit stream (docs/noise.md 3b): the eight float32 normals per block, before the
