@@ -65,3 +65,11 @@ def test_records_carry_a_run_to_another_machine(tmp_path):
     r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     assert r.returncode != 0 and "trained with other settings" in r.stderr
     assert sorted(os.listdir(os.path.join(rec, "none_s0"))) == files  # untouched
+
+
+def test_seed_list_outside_the_protocol_is_refused(tmp_path):
+    cmd = [sys.executable, os.path.join(ROOT, "bench", "reproduce.py"), "--quick",
+           "--seed-list", "0,3", "--work", str(tmp_path / "w"), "--md", str(tmp_path / "r.md")]
+    r = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
+    assert r.returncode == 2 and "--seed-list [3] outside range(1)" in r.stderr
+    assert not os.path.exists(tmp_path / "w" / "none_s0")
