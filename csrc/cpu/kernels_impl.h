@@ -25,20 +25,12 @@ constexpr int TILE = 512;
 // w[j][i] is word j of block lo0 + i (the caller guarantees lo0 + nb - 1 does not wrap, and
 // nb <= PHILOX_SOA). GCC vectorises the scalar round's 32x32->64 multiply by widening every lane
 // to 64 bits and using vpmullq (3 uops, 15 cycles latency on AVX-512) or a 64-bit multiply
-// emulation (AVX2), which made the rounds cost more than Box-Muller. Here the clones multiply
-// even and odd lanes with vpmuludq (one uop each) and blend the halves back; integer
-// arithmetic, so the words are bit-identical to cdk::philox4x32_10 (tests/test_noise.py).
+// emulation (AVX2), which made the rounds cost more than Box-Muller. Here the clones keep each
+// word in the low half of a 64-bit lane and multiply with vpmuludq (one uop); integer
+// arithmetic, so the words are bit-identical to cdk::philox4x32_10 (tests/test_noise.py,
+// tests/test_cpu_simd.py).
 constexpr int PHILOX_SOA = 128;
 
-#if CDK_ISA_LEVEL == 1
-static inline __attribute__((always_inline)) void mulhilo8(__m256i m, __m256i c, __m256i* hi,
-                                                           __m256i* lo) {
-  const __m256i pe = _mm256_mul_epu32(c, m);
-  const __m256i po = _mm256_mul_epu32(_mm256_srli_epi64(c, 32), m);
-  *hi = _mm256_blend_epi32(_mm256_srli_epi64(pe, 32), po, 0xAA);
-  *lo = _mm256_blend_epi32(pe, _mm256_slli_epi64(po, 32), 0xAA);
-}
-#endif
 
 static void philox_soa(uint32_t (*__restrict w)[PHILOX_SOA], uint32_t lo0, uint32_t hi,
                        uint32_t sample, uint32_t k0, uint32_t k1, int nb) {
@@ -109,28 +101,56 @@ static void philox_soa(uint32_t (*__restrict w)[PHILOX_SOA], uint32_t lo0, uint3
   }
 #elif CDK_ISA_LEVEL == 1
   {
+    // As the AVX-512 loop above: words in the low halves of 64-bit lanes (4 blocks per
+    // register, two registers per 8 blocks), rounds 1 and 2 peeled.
     const __m256i M0 = _mm256_set1_epi32((int)0xD2511F53u), M1 = _mm256_set1_epi32((int)0xCD9E8D57u);
-    const __m256i lane = _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7);
+    const __m256i lane = _mm256_setr_epi64x(0, 1, 2, 3);
+    const __m256i lo_a = _mm256_setr_epi32(0, 2, 4, 6, 0, 0, 0, 0);
+    const __m256i lo_b = _mm256_setr_epi32(0, 0, 0, 0, 0, 2, 4, 6);
+    const uint64_t s1 = (uint64_t)sample * 0xCD9E8D57u;
+    const uint32_t r1c0 = (uint32_t)(s1 >> 32) ^ hi ^ k0, r1c1 = (uint32_t)s1;
+    const uint32_t k0r2 = k0 + 0x9E3779B9u, k1r2 = k1 + 0xBB67AE85u;
+    const uint64_t s0 = (uint64_t)r1c0 * 0xD2511F53u;
+    const __m256i r2x0 = _mm256_set1_epi32((int)(r1c1 ^ k0r2));
+    const __m256i r2x2 = _mm256_set1_epi32((int)((uint32_t)(s0 >> 32) ^ k1r2));
+    const __m256i r2c3 = _mm256_set1_epi32((int)(uint32_t)s0);
+    const __m256i k1v = _mm256_set1_epi32((int)k1);
+    auto hi_down = [](__m256i p) { return _mm256_shuffle_epi32(p, 0xF5); };
+    auto pack = [&](__m256i x, __m256i y) {
+      return _mm256_blend_epi32(_mm256_permutevar8x32_epi32(x, lo_a),
+                                _mm256_permutevar8x32_epi32(y, lo_b), 0xF0);
+    };
     for (; i + 8 <= nb; i += 8) {
-      __m256i c0 = _mm256_add_epi32(_mm256_set1_epi32((int)(lo0 + (uint32_t)i)), lane);
-      __m256i c1 = _mm256_set1_epi32((int)hi), c2 = _mm256_set1_epi32((int)sample);
-      __m256i c3 = _mm256_setzero_si256();
-      uint32_t a = k0, b = k1;
-      for (int r = 0; r < 10; ++r) {
-        __m256i hi0, lo0v, hi1, lo1;
-        mulhilo8(M0, c0, &hi0, &lo0v);
-        mulhilo8(M1, c2, &hi1, &lo1);
-        c0 = _mm256_xor_si256(_mm256_xor_si256(hi1, c1), _mm256_set1_epi32((int)a));
-        c2 = _mm256_xor_si256(_mm256_xor_si256(hi0, c3), _mm256_set1_epi32((int)b));
-        c1 = lo1;
-        c3 = lo0v;
+      const __m256i c0a0 = _mm256_add_epi64(_mm256_set1_epi64x((long long)(lo0 + (uint32_t)i)), lane);
+      const __m256i c0b0 = _mm256_add_epi64(c0a0, _mm256_set1_epi64x(4));
+      const __m256i p0a = _mm256_mul_epu32(c0a0, M0), p0b = _mm256_mul_epu32(c0b0, M0);
+      const __m256i c2a1 = _mm256_xor_si256(hi_down(p0a), k1v);
+      const __m256i c2b1 = _mm256_xor_si256(hi_down(p0b), k1v);
+      const __m256i p1a = _mm256_mul_epu32(c2a1, M1), p1b = _mm256_mul_epu32(c2b1, M1);
+      __m256i c0a = _mm256_xor_si256(hi_down(p1a), r2x0), c0b = _mm256_xor_si256(hi_down(p1b), r2x0);
+      __m256i c1a = p1a, c1b = p1b;
+      __m256i c2a = _mm256_xor_si256(p0a, r2x2), c2b = _mm256_xor_si256(p0b, r2x2);
+      __m256i c3a = r2c3, c3b = r2c3;
+      uint32_t a = k0r2 + 0x9E3779B9u, b = k1r2 + 0xBB67AE85u;
+      for (int r = 2; r < 10; ++r) {
+        const __m256i ka = _mm256_set1_epi32((int)a), kb = _mm256_set1_epi32((int)b);
+        const __m256i q0a = _mm256_mul_epu32(c0a, M0), q1a = _mm256_mul_epu32(c2a, M1);
+        const __m256i q0b = _mm256_mul_epu32(c0b, M0), q1b = _mm256_mul_epu32(c2b, M1);
+        c0a = _mm256_xor_si256(_mm256_xor_si256(hi_down(q1a), c1a), ka);
+        c2a = _mm256_xor_si256(_mm256_xor_si256(hi_down(q0a), c3a), kb);
+        c0b = _mm256_xor_si256(_mm256_xor_si256(hi_down(q1b), c1b), ka);
+        c2b = _mm256_xor_si256(_mm256_xor_si256(hi_down(q0b), c3b), kb);
+        c1a = q1a;
+        c3a = q0a;
+        c1b = q1b;
+        c3b = q0b;
         a += 0x9E3779B9u;
         b += 0xBB67AE85u;
       }
-      _mm256_store_si256((__m256i*)(w[0] + i), c0);
-      _mm256_store_si256((__m256i*)(w[1] + i), c1);
-      _mm256_store_si256((__m256i*)(w[2] + i), c2);
-      _mm256_store_si256((__m256i*)(w[3] + i), c3);
+      _mm256_store_si256((__m256i*)(w[0] + i), pack(c0a, c0b));
+      _mm256_store_si256((__m256i*)(w[1] + i), pack(c1a, c1b));
+      _mm256_store_si256((__m256i*)(w[2] + i), pack(c2a, c2b));
+      _mm256_store_si256((__m256i*)(w[3] + i), pack(c3a, c3b));
     }
   }
 #endif
@@ -227,7 +247,42 @@ static inline __attribute__((always_inline)) v16f ld16(const float* p) {
 }
 static inline __attribute__((always_inline)) void st16(float* p, v16f v) { memcpy(p, &v, sizeof v); }
 static inline __attribute__((always_inline)) v16f splat16(float x) { return v16f{} + x; }
-static inline __attribute__((always_inline)) v16f vmax16(v16f a, v16f b) { return a > b ? a : b; }
+// All-ones lanes where a < b (false when unordered), as a bit mask: a vector comparison on 16
+// lanes, like a vector ?:, came out as scalar compares in the AVX2 clone.
+static inline __attribute__((always_inline)) v16u vlt16(v16f a, v16f b) {
+#if CDK_ISA_LEVEL == 2
+  return (v16u)_mm512_movm_epi32(_mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_LT_OQ));
+#elif CDK_ISA_LEVEL == 1
+  const v8f lo = (v8f)_mm256_cmp_ps((__m256)__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7),
+                                    (__m256)__builtin_shufflevector(b, b, 0, 1, 2, 3, 4, 5, 6, 7),
+                                    _CMP_LT_OQ);
+  const v8f hi = (v8f)_mm256_cmp_ps(
+      (__m256)__builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15),
+      (__m256)__builtin_shufflevector(b, b, 8, 9, 10, 11, 12, 13, 14, 15), _CMP_LT_OQ);
+  return (v16u)__builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
+                                       15);
+#else
+  return (v16u)(a < b);
+#endif
+}
+
+// a > b ? a : b (b when unordered, as maxps). Intrinsics in the x86 clones: GCC lowers a
+// vector ?: on 16 lanes to scalar compares and cmovs in the AVX2 clone (two ymm per v16f),
+// which made its softmax rows 10x slower than AVX-512's.
+static inline __attribute__((always_inline)) v16f vmax16(v16f a, v16f b) {
+#if CDK_ISA_LEVEL == 2
+  return (v16f)_mm512_max_ps((__m512)a, (__m512)b);
+#elif CDK_ISA_LEVEL == 1
+  const v8f lo = (v8f)_mm256_max_ps((__m256)__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7),
+                                    (__m256)__builtin_shufflevector(b, b, 0, 1, 2, 3, 4, 5, 6, 7));
+  const v8f hi = (v8f)_mm256_max_ps(
+      (__m256)__builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15),
+      (__m256)__builtin_shufflevector(b, b, 8, 9, 10, 11, 12, 13, 14, 15));
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+#else
+  return a > b ? a : b;
+#endif
+}
 
 static inline __attribute__((always_inline)) float hmax16(v16f v) {
   const v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
@@ -247,11 +302,21 @@ static inline __attribute__((always_inline)) float hsum16(v16f v) {
 }
 
 // a*b + c, fused in the AVX2/AVX-512 clones (the ensemble math is not part of the noise spec)
+// (intrinsics: GCC turned a per-lane __builtin_fmaf loop into scalar vfmadd132ss with lane
+// extracts in the AVX2 clone, where a v16f is two ymm; 7x slower fast normals)
 static inline __attribute__((always_inline)) v16f vfma16(v16f a, v16f b, v16f c) {
-#if CDK_ISA_LEVEL >= 1
-  v16f r;
-  for (int j = 0; j < 16; ++j) r[j] = __builtin_fmaf(a[j], b[j], c[j]);
-  return r;
+#if CDK_ISA_LEVEL == 2
+  return (v16f)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
+#elif CDK_ISA_LEVEL == 1
+  const v8f lo = (v8f)_mm256_fmadd_ps(
+      (__m256)__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7),
+      (__m256)__builtin_shufflevector(b, b, 0, 1, 2, 3, 4, 5, 6, 7),
+      (__m256)__builtin_shufflevector(c, c, 0, 1, 2, 3, 4, 5, 6, 7));
+  const v8f hi = (v8f)_mm256_fmadd_ps(
+      (__m256)__builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15),
+      (__m256)__builtin_shufflevector(b, b, 8, 9, 10, 11, 12, 13, 14, 15),
+      (__m256)__builtin_shufflevector(c, c, 8, 9, 10, 11, 12, 13, 14, 15));
+  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
 #else
   return a * b + c;
 #endif
@@ -314,12 +379,56 @@ static inline __attribute__((always_inline)) void box_muller_fast16(v16u wa, v16
   const __m512i sb = _mm512_ternarylogic_epi32((__m512i)b, (__m512i)(qu << 30), sign, 0x78);
   *out_cos = r * (v16f)ca;
   *out_sin = r * (v16f)sb;
-#else
-  const v16i odd = (v16i)((qu & 1u) != 0u);
-  const v16f a = odd ? sn : cs, b = odd ? cs : sn;
-  *out_cos = r * (v16f)((v16u)a ^ (((qu + 1u) << 30) & 0x80000000u));
-  *out_sin = r * (v16f)((v16u)b ^ ((qu << 30) & 0x80000000u));
+#else  // the swap as bit masks (a vector ?: came out scalar in the AVX2 clone)
+  const v16u odd = (v16u)(-(v16i)(qu & 1u));  // all ones where q is odd
+  const v16u a = ((v16u)sn & odd) | ((v16u)cs & ~odd), b = ((v16u)cs & odd) | ((v16u)sn & ~odd);
+  *out_cos = r * (v16f)(a ^ (((qu + 1u) << 30) & 0x80000000u));
+  *out_sin = r * (v16f)(b ^ ((qu << 30) & 0x80000000u));
 #endif
+}
+
+// a*b + c, one rounding where the clone has FMA
+static inline __attribute__((always_inline)) float smooth_fma(float a, float b, float c) {
+#if CDK_ISA_LEVEL >= 1
+  return __builtin_fmaf(a, b, c);
+#else
+  return a * b + c;
+#endif
+}
+
+// The same arithmetic one pair at a time, for the AVX2 and baseline clones: GCC's loop
+// vectoriser turns a loop over it into clean 8-lane code, whereas the 16-lane vector version
+// above is split into ymm halves with lane moves through the stack there.
+static inline __attribute__((always_inline)) void box_muller_fast1(uint32_t wa, uint32_t wb,
+                                                                   float* out_cos,
+                                                                   float* out_sin) {
+  const uint32_t na = (wa >> 8) | 1u, nb = (wb >> 8) | 1u;
+  const uint32_t adj = cdk::float_to_bits((float)(int32_t)na) + (0x3f800000u - 0x3f3504f3u);
+  const float e = (float)((int32_t)(adj >> 23) - (127 + 24));
+  const float f = cdk::bits_to_float((adj & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
+  float p = 0.12210112065076828f;
+  p = smooth_fma(p, f, -0.18781527876853943f);
+  p = smooth_fma(p, f, 0.20454612374305725f);
+  p = smooth_fma(p, f, -0.24896912276744843f);
+  p = smooth_fma(p, f, 0.3331604301929474f);
+  p = smooth_fma(p, f, -0.5000139474868774f);
+  p = smooth_fma(p, f, 1.0000008344650269f);
+  const float t = smooth_fma(e, 0.693147182f, f * p) * -2.0f;
+  const float r = __builtin_sqrtf(t);
+  const uint32_t qu = (nb + (1u << 21)) >> 22;
+  const float x = (float)(int32_t)(nb - (qu << 22)) *
+                  (6.28318530717958647692f * 5.9604644775390625e-08f);
+  const float z = x * x;
+  const float ps = smooth_fma(z, smooth_fma(z, -1.9515295891e-4f, 8.3321608736e-3f),
+                              -1.6666654611e-1f);
+  const float sn = smooth_fma(x * z, ps, x);
+  const float pc = smooth_fma(z, smooth_fma(z, 2.443315711809948e-5f, -1.388731625493765e-3f),
+                              4.166664568298827e-2f);
+  const float cs = smooth_fma(-0.5f, z, 1.0f) + (z * z) * pc;
+  const bool odd = (qu & 1u) != 0u;
+  const float a = odd ? sn : cs, b = odd ? cs : sn;
+  *out_cos = r * cdk::bits_to_float(cdk::float_to_bits(a) ^ (((qu + 1u) << 30) & 0x80000000u));
+  *out_sin = r * cdk::bits_to_float(cdk::float_to_bits(b) ^ ((qu << 30) & 0x80000000u));
 }
 
 static inline __attribute__((always_inline)) v16u ldu16(const uint32_t* p) {
@@ -334,10 +443,14 @@ static void normals_fast_run(float* __restrict out, uint32_t lo0, uint32_t hi, u
                              uint32_t k0, uint32_t k1, int nb) {
   philox_chunks(lo0, hi, sample, k0, k1, nb, [&](uint32_t (*w)[PHILOX_SOA], int i0, int m) {
     float* o = out + 4 * i0;
+#if CDK_ISA_LEVEL == 2
     for (int i = 0; i < m; i += 16) {  // lanes past m (last step) compute on stale words
       v16f n0, n1, n2, n3;
       box_muller_fast16(ldu16(w[0] + i), ldu16(w[1] + i), &n0, &n1);
       box_muller_fast16(ldu16(w[2] + i), ldu16(w[3] + i), &n2, &n3);
+      alignas(64) float q[64];
+      float* dst = i + 16 <= m ? o + 4 * i : q;
+      // four 2-source permutes per 16 blocks
       const v16f a = __builtin_shufflevector(n0, n1, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21,
                                              6, 22, 7, 23);
       const v16f b = __builtin_shufflevector(n0, n1, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13,
@@ -346,8 +459,6 @@ static void normals_fast_run(float* __restrict out, uint32_t lo0, uint32_t hi, u
                                              6, 22, 7, 23);
       const v16f d = __builtin_shufflevector(n2, n3, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13,
                                              29, 14, 30, 15, 31);
-      alignas(64) float q[64];
-      float* dst = i + 16 <= m ? o + 4 * i : q;
       st16(dst, __builtin_shufflevector(a, c, 0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7,
                                         22, 23));
       st16(dst + 16, __builtin_shufflevector(a, c, 8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28,
@@ -358,6 +469,17 @@ static void normals_fast_run(float* __restrict out, uint32_t lo0, uint32_t hi, u
                                              29, 14, 15, 30, 31));
       if (dst == q) memcpy(o + 4 * i, q, sizeof(float) * 4 * (m - i));
     }
+#else
+    for (int i = 0; i < m; ++i) {
+      float n0, n1, n2, n3;
+      box_muller_fast1(w[0][i], w[1][i], &n0, &n1);
+      box_muller_fast1(w[2][i], w[3][i], &n2, &n3);
+      o[4 * i + 0] = n0;
+      o[4 * i + 1] = n1;
+      o[4 * i + 2] = n2;
+      o[4 * i + 3] = n3;
+    }
+#endif
   });
 }
 
@@ -611,11 +733,7 @@ static void k_cd_step_bwd(const PointArgs& a, int64_t begin, int64_t end, double
 // x + s eps, one rounding where the clone has FMA (forward and backward alike, so relu's
 // derivative is taken at the forward's point)
 static inline __attribute__((always_inline)) float smooth_z(float x, float s, float e) {
-#if CDK_ISA_LEVEL >= 1
-  return __builtin_fmaf(s, e, x);
-#else
-  return x + s * e;
-#endif
+  return smooth_fma(s, e, x);
 }
 
 template <int ACT, bool PS>
@@ -833,7 +951,7 @@ static inline int64_t padded16(int64_t C) { return (C + 15) & ~(int64_t)15; }
 // -ffp-contract=off).
 static inline __attribute__((always_inline)) v16f exp_nonpos16(v16f xin) {
   const v16f lo = splat16(-87.33654f);
-  const v16f x = xin < lo ? lo : xin;
+  const v16f x = vmax16(lo, xin);  // xin < lo ? lo : xin, nan kept
   const v16f shifter = splat16(12582912.0f);  // 1.5 * 2^23: round to nearest integer
   const v16f n = vfma16(x, splat16(1.44269504088896341f), shifter) - shifter;
   v16f r = vfma16(n, splat16(-6.93145751953125e-1f), x);
@@ -850,7 +968,7 @@ static inline __attribute__((always_inline)) v16f exp_nonpos16(v16f xin) {
   const v16u ni = (v16u)__builtin_convertvector(n, v16i);
   const v16f scale = (v16f)((ni + 127u) << 23);
   const v16f e = p * scale;
-  return xin < lo ? v16f{} : e;
+  return (v16f)((v16u)e & ~vlt16(xin, lo));  // 0 below lo
 }
 
 // 16 elements of a row starting at src (only the first `len` < 16 when len is given; the other
