@@ -284,16 +284,6 @@ static inline __attribute__((always_inline)) v16f vmax16(v16f a, v16f b) {
 #endif
 }
 
-static inline __attribute__((always_inline)) float hmax16(v16f v) {
-  const v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
-  const v8f b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v8f m8 = a > b ? a : b;
-  const v4f c = __builtin_shufflevector(m8, m8, 0, 1, 2, 3);
-  const v4f d = __builtin_shufflevector(m8, m8, 4, 5, 6, 7);
-  const v4f m4 = c > d ? c : d;
-  const float x = m4[0] > m4[1] ? m4[0] : m4[1], y = m4[2] > m4[3] ? m4[2] : m4[3];
-  return x > y ? x : y;
-}
 static inline __attribute__((always_inline)) float hsum16(v16f v) {
   const v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
                 __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
@@ -937,44 +927,124 @@ static void logprob_row(const typename D::T* inp, int64_t b, int64_t K, int64_t 
   }
 }
 
-// Rows are processed as whole 16-lane vectors, the last one padded with -inf (softmax weight
-// exactly 0) in registers: a C = 100 row spent about 40 % of its time in a scalar 4-element
-// tail. Scratch rows are Cp = C rounded up to 16 long.
+// Rows are processed as whole vectors, the last one padded with -inf (softmax weight exactly 0)
+// in registers: a C = 100 row spent about 40 % of its time in a scalar 4-element tail. Scratch
+// rows are Cp = C rounded up to 16 long (a whole number of vectors at every width).
 static inline int64_t padded16(int64_t C) { return (C + 15) & ~(int64_t)15; }
 
-// The softmax of a padded row in GCC vector types (16 floats: one zmm in the AVX-512 clone,
-// two ymm in AVX2, four xmm in baseline; defined above the fast normals): loops written with
-// scalar partial arrays spilled the partial maxima and sums through the stack
-// (store-forwarding stalls) at every row.
+// The softmax of a padded row in GCC vector types of the clone's native width (EV: 16 floats,
+// one zmm, in AVX-512; 8, one ymm, in AVX2; 4 in baseline). Loops written with scalar partial
+// arrays spilled the partial maxima and sums through the stack (store-forwarding stalls) at
+// every row; and 16-lane vectors in the AVX2 clone (two ymm) had their ?:, comparisons and
+// halves' joins lowered to scalar code through the stack, 7x slower than AVX-512.
+typedef uint32_t v8u __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+typedef uint32_t v4u __attribute__((vector_size(16)));
+typedef int32_t v4i __attribute__((vector_size(16)));
+#if CDK_ISA_LEVEL == 2
+typedef v16f EV;
+typedef v16u EVu;
+typedef v16i EVi;
+#elif CDK_ISA_LEVEL == 1
+typedef v8f EV;
+typedef v8u EVu;
+typedef v8i EVi;
+#else
+typedef v4f EV;
+typedef v4u EVu;
+typedef v4i EVi;
+#endif
+constexpr int EW = (int)(sizeof(EV) / sizeof(float));
+
+static inline __attribute__((always_inline)) EV ev_splat(float x) { return EV{} + x; }
+static inline __attribute__((always_inline)) EV ev_ld(const float* p) {
+  EV v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+static inline __attribute__((always_inline)) void ev_st(float* p, EV v) { memcpy(p, &v, sizeof v); }
+static inline __attribute__((always_inline)) EV ev_max(EV a, EV b) {  // a > b ? a : b
+#if CDK_ISA_LEVEL == 2
+  return vmax16(a, b);
+#else
+  return a > b ? a : b;  // native width: one vmaxps
+#endif
+}
+static inline __attribute__((always_inline)) EV ev_fma(EV a, EV b, EV c) {
+#if CDK_ISA_LEVEL == 2
+  return vfma16(a, b, c);
+#elif CDK_ISA_LEVEL == 1
+  return (EV)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
+#else
+  return a * b + c;
+#endif
+}
+static inline __attribute__((always_inline)) EVu ev_lt(EV a, EV b) {  // all ones where a < b
+#if CDK_ISA_LEVEL == 2
+  return vlt16(a, b);
+#else
+  return (EVu)(a < b);
+#endif
+}
+static inline __attribute__((always_inline)) float hmax4(v4f m4) {
+  const float x = m4[0] > m4[1] ? m4[0] : m4[1], y = m4[2] > m4[3] ? m4[2] : m4[3];
+  return x > y ? x : y;
+}
+static inline __attribute__((always_inline)) float ev_hmax(EV v) {  // a tree of halves
+#if CDK_ISA_LEVEL >= 1
+#if CDK_ISA_LEVEL == 2
+  const v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7);
+  const v8f b = __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v8f m8 = a > b ? a : b;
+#else
+  const v8f m8 = v;
+#endif
+  const v4f c = __builtin_shufflevector(m8, m8, 0, 1, 2, 3);
+  const v4f d = __builtin_shufflevector(m8, m8, 4, 5, 6, 7);
+  return hmax4(c > d ? c : d);
+#else
+  return hmax4(v);
+#endif
+}
+static inline __attribute__((always_inline)) float ev_hsum(EV v) {
+#if CDK_ISA_LEVEL == 2
+  return hsum16(v);
+#elif CDK_ISA_LEVEL == 1
+  const v4f c = __builtin_shufflevector(v, v, 0, 1, 2, 3) + __builtin_shufflevector(v, v, 4, 5, 6, 7);
+  return (c[0] + c[1]) + (c[2] + c[3]);
+#else
+  return (v[0] + v[1]) + (v[2] + v[3]);
+#endif
+}
+
 // exp(x) for x <= 0 (a logit minus its row maximum), ~2 ulp; below -87.3 it is 0, nan stays nan.
 // With fused multiply-adds about half the instructions of exp_f (written for
 // -ffp-contract=off).
-static inline __attribute__((always_inline)) v16f exp_nonpos16(v16f xin) {
-  const v16f lo = splat16(-87.33654f);
-  const v16f x = vmax16(lo, xin);  // xin < lo ? lo : xin, nan kept
-  const v16f shifter = splat16(12582912.0f);  // 1.5 * 2^23: round to nearest integer
-  const v16f n = vfma16(x, splat16(1.44269504088896341f), shifter) - shifter;
-  v16f r = vfma16(n, splat16(-6.93145751953125e-1f), x);
-  r = vfma16(n, splat16(-1.42860682030941723212e-6f), r);
-  v16f p = splat16(1.9875691500e-4f);
-  p = vfma16(p, r, splat16(1.3981999507e-3f));
-  p = vfma16(p, r, splat16(8.3334519073e-3f));
-  p = vfma16(p, r, splat16(4.1665795894e-2f));
-  p = vfma16(p, r, splat16(1.6666665459e-1f));
-  p = vfma16(p, r, splat16(5.0000001201e-1f));
-  p = vfma16(p, r * r, r) + splat16(1.0f);
+static inline __attribute__((always_inline)) EV exp_nonpos(EV xin) {
+  const EV lo = ev_splat(-87.33654f);
+  const EV x = ev_max(lo, xin);  // xin < lo ? lo : xin, nan kept
+  const EV shifter = ev_splat(12582912.0f);  // 1.5 * 2^23: round to nearest integer
+  const EV n = ev_fma(x, ev_splat(1.44269504088896341f), shifter) - shifter;
+  EV r = ev_fma(n, ev_splat(-6.93145751953125e-1f), x);
+  r = ev_fma(n, ev_splat(-1.42860682030941723212e-6f), r);
+  EV p = ev_splat(1.9875691500e-4f);
+  p = ev_fma(p, r, ev_splat(1.3981999507e-3f));
+  p = ev_fma(p, r, ev_splat(8.3334519073e-3f));
+  p = ev_fma(p, r, ev_splat(4.1665795894e-2f));
+  p = ev_fma(p, r, ev_splat(1.6666665459e-1f));
+  p = ev_fma(p, r, ev_splat(5.0000001201e-1f));
+  p = ev_fma(p, r * r, r) + ev_splat(1.0f);
   // n in [-126, 0] (exact); the bit arithmetic in unsigned lanes (a nan input's lane is
   // garbage here and nan again after the multiply below)
-  const v16u ni = (v16u)__builtin_convertvector(n, v16i);
-  const v16f scale = (v16f)((ni + 127u) << 23);
-  const v16f e = p * scale;
-  return (v16f)((v16u)e & ~vlt16(xin, lo));  // 0 below lo
+  const EVu ni = (EVu)__builtin_convertvector(n, EVi);
+  const EV scale = (EV)((ni + 127u) << 23);
+  const EV e = p * scale;
+  return (EV)((EVu)e & ~ev_lt(xin, lo));  // 0 below lo
 }
 
-// 16 elements of a row starting at src (only the first `len` < 16 when len is given; the other
-// lanes are -inf, whose softmax weight is exactly 0), widened to float32 in registers. Rows are
-// read in place: copying them to a scratch row first cost a store-forwarding stall on every
-// vector load of the copy (memmove and scalar pad stores, then 64-byte loads).
+// 16 elements of a row starting at src, widened to float32 in registers (the std-step kernels
+// below). Rows are read in place: copying them to a scratch row first cost a store-forwarding
+// stall on every vector load of the copy (memmove and scalar pad stores, then 64-byte loads).
 template <class D>
 static inline __attribute__((always_inline)) v16f row16(const typename D::T* __restrict src) {
   if (D::SIXTEEN) {
@@ -985,14 +1055,26 @@ static inline __attribute__((always_inline)) v16f row16(const typename D::T* __r
   return ld16(reinterpret_cast<const float*>(src));
 }
 
+// EW elements of a row (only the first `len` when len < EW, possibly none; the other lanes are
+// -inf, whose softmax weight is exactly 0), widened to float32.
 template <class D>
-static inline v16f row16_tail(const typename D::T* __restrict src, int len) {
+static inline __attribute__((always_inline)) EV row_ev(const typename D::T* __restrict src) {
+  if (D::SIXTEEN) {
+    EV r;
+    for (int j = 0; j < EW; ++j) r[j] = D::ld(src, j);
+    return r;
+  }
+  return ev_ld(reinterpret_cast<const float*>(src));
+}
+
+template <class D>
+static inline EV row_ev_tail(const typename D::T* __restrict src, int len) {
 #if CDK_ISA_LEVEL == 2
   if (!D::SIXTEEN)
-    return (v16f)_mm512_mask_loadu_ps(_mm512_set1_ps(-__builtin_inff()),
-                                      (__mmask16)((1u << len) - 1u), src);
+    return (EV)_mm512_mask_loadu_ps(_mm512_set1_ps(-__builtin_inff()),
+                                    (__mmask16)((1u << len) - 1u), src);
 #endif
-  v16f r = splat16(-__builtin_inff());
+  EV r = ev_splat(-__builtin_inff());
   for (int j = 0; j < len; ++j) r[j] = D::ld(src, j);
   return r;
 }
@@ -1002,26 +1084,28 @@ static inline v16f row16_tail(const typename D::T* __restrict src, int len) {
 template <class D>
 static inline float row_exp(const typename D::T* __restrict row, int64_t C, float* __restrict e,
                             float* m_out) {
-  const int64_t full = C & ~(int64_t)15;
-  const int tail = (int)(C - full);
-  v16f mv = splat16(-__builtin_inff());
-  for (int64_t c = 0; c < full; c += 16) mv = vmax16(mv, row16<D>(row + c));
-  const v16f t = tail ? row16_tail<D>(row + full, tail) : mv;
-  const float mf = hmax16(vmax16(mv, t));
-  const v16f m = splat16(mf);
-  v16f sv = v16f{};
-  for (int64_t c = 0; c < full; c += 16) {
-    const v16f v = exp_nonpos16(row16<D>(row + c) - m);
-    st16(e + c, v);
+  const int64_t full = C - C % EW, Cp = padded16(C);
+  EV mv = ev_splat(-__builtin_inff());
+  for (int64_t c = 0; c < full; c += EW) mv = ev_max(mv, row_ev<D>(row + c));
+  const EV t = full < C ? row_ev_tail<D>(row + full, (int)(C - full)) : mv;
+  const float mf = ev_hmax(ev_max(mv, t));
+  const EV m = ev_splat(mf);
+  EV sv = EV{};
+  for (int64_t c = 0; c < full; c += EW) {
+    const EV v = exp_nonpos(row_ev<D>(row + c) - m);
+    ev_st(e + c, v);
     sv += v;
   }
-  if (tail) {
-    const v16f v = exp_nonpos16(t - m);
-    st16(e + full, v);
+  int64_t c = full;
+  if (full < C) {
+    const EV v = exp_nonpos(t - m);
+    ev_st(e + c, v);
     sv += v;
+    c += EW;
   }
+  for (; c < Cp; c += EW) ev_st(e + c, EV{});  // whole padding vectors (EW < 16)
   *m_out = mf;
-  return hsum16(sv);
+  return ev_hsum(sv);
 }
 
 // acc[0..Cp) += softmax(row) (the padded lanes add 0); e is a [Cp] scratch row.
@@ -1029,9 +1113,9 @@ template <class D>
 static inline void add_softmax_row(const typename D::T* __restrict row, int64_t C,
                                    float* __restrict e, float* __restrict acc) {
   float m;
-  const v16f inv = splat16(1.0f / row_exp<D>(row, C, e, &m));
+  const EV inv = ev_splat(1.0f / row_exp<D>(row, C, e, &m));
   const int64_t Cp = padded16(C);
-  for (int64_t c = 0; c < Cp; c += 16) st16(acc + c, ld16(acc + c) + ld16(e + c) * inv);
+  for (int64_t c = 0; c < Cp; c += EW) ev_st(acc + c, ev_ld(acc + c) + ev_ld(e + c) * inv);
 }
 
 // Smallest mean probability (times K) whose log the one-pass logprob takes directly: above it
