@@ -2,8 +2,9 @@
 and at what price?
 
 Protocol (``--mode cpu``, the default; sized for a 2-core CPU VM): Fashion-MNIST, the full
-54k/6k train/validation split, CD-PreActResNet-20 of width 16, four arms that differ only in
-the noise (none; em sigma; std coef 0.1; std coef 0.3), three paired seeds (the same seed gives
+54k/6k train/validation split, CD-PreActResNet-20 of width 16, five arms that differ only in
+the noise (none; em sigma; em sigma 0.15, at about the dose of std 0.1; std coef 0.1; std coef
+0.3), three paired seeds (the same seed gives
 the same initial weights, data order and augmentation in every arm), 5 epochs, cosine
 schedule. Each model is selected on validation only (noise on, Monte-Carlo K=4; see
 ``cdkernels.train``) and then evaluated on the first ``n_test`` test images in pixel space:
