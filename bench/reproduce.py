@@ -101,7 +101,8 @@ MODES = {
     # GPU protocol (not run yet): more seeds, the ensembles, adversarial training of every arm.
     "gpu": dict(data="fashion-mnist", model="cd_preact_resnet20", width=16, limit_train=None,
                 epochs=10, batch_size=256, lr=0.1, amp="bf16",
-                arms=["none", "em", "std0.1", "std0.3", "en5-std0.1", "en5-none"], seeds=5,
+                arms=["none", "em", "em0.15", "std0.1", "std0.3", "en5-std0.1", "en5-none"],
+                seeds=5,
                 em_sigma=0.1, select_k=8, limit_eval=None, n_test=10000,
                 eps=[0.01, 0.02, 0.03, 0.05, 0.1], K=8, M=8, steps=20, frozen_eps=0.03,
                 cross_eps=0.03, cross_n=1000, cross_steps=50, conv_eps=0.03, conv_n=1000,
