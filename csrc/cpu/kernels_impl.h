@@ -231,88 +231,6 @@ static void gen_normals(float* __restrict out, uint64_t seed, uint64_t block0, i
   split_at_wrap(normals_run, out, 4, seed, block0, nb, sample);
 }
 
-// -- 16-lane vectors ----------------------------------------------------------------------------
-// GCC vector types of 16 floats: one zmm in the AVX-512 clone, two ymm in AVX2, four xmm in
-// baseline.
-typedef float v16f __attribute__((vector_size(64)));
-typedef int32_t v16i __attribute__((vector_size(64)));
-typedef uint32_t v16u __attribute__((vector_size(64)));
-typedef float v8f __attribute__((vector_size(32)));
-typedef float v4f __attribute__((vector_size(16)));
-
-static inline __attribute__((always_inline)) v16f ld16(const float* p) {
-  v16f v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
-static inline __attribute__((always_inline)) void st16(float* p, v16f v) { memcpy(p, &v, sizeof v); }
-static inline __attribute__((always_inline)) v16f splat16(float x) { return v16f{} + x; }
-// All-ones lanes where a < b (false when unordered), as a bit mask: a vector comparison on 16
-// lanes, like a vector ?:, came out as scalar compares in the AVX2 clone.
-static inline __attribute__((always_inline)) v16u vlt16(v16f a, v16f b) {
-#if CDK_ISA_LEVEL == 2
-  return (v16u)_mm512_movm_epi32(_mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_LT_OQ));
-#elif CDK_ISA_LEVEL == 1
-  const v8f lo = (v8f)_mm256_cmp_ps((__m256)__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7),
-                                    (__m256)__builtin_shufflevector(b, b, 0, 1, 2, 3, 4, 5, 6, 7),
-                                    _CMP_LT_OQ);
-  const v8f hi = (v8f)_mm256_cmp_ps(
-      (__m256)__builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15),
-      (__m256)__builtin_shufflevector(b, b, 8, 9, 10, 11, 12, 13, 14, 15), _CMP_LT_OQ);
-  return (v16u)__builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14,
-                                       15);
-#else
-  return (v16u)(a < b);
-#endif
-}
-
-// a > b ? a : b (b when unordered, as maxps). Intrinsics in the x86 clones: GCC lowers a
-// vector ?: on 16 lanes to scalar compares and cmovs in the AVX2 clone (two ymm per v16f),
-// which made its softmax rows 10x slower than AVX-512's.
-static inline __attribute__((always_inline)) v16f vmax16(v16f a, v16f b) {
-#if CDK_ISA_LEVEL == 2
-  return (v16f)_mm512_max_ps((__m512)a, (__m512)b);
-#elif CDK_ISA_LEVEL == 1
-  const v8f lo = (v8f)_mm256_max_ps((__m256)__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7),
-                                    (__m256)__builtin_shufflevector(b, b, 0, 1, 2, 3, 4, 5, 6, 7));
-  const v8f hi = (v8f)_mm256_max_ps(
-      (__m256)__builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15),
-      (__m256)__builtin_shufflevector(b, b, 8, 9, 10, 11, 12, 13, 14, 15));
-  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-#else
-  return a > b ? a : b;
-#endif
-}
-
-static inline __attribute__((always_inline)) float hsum16(v16f v) {
-  const v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
-                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
-  const v4f c = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
-  return (c[0] + c[1]) + (c[2] + c[3]);
-}
-
-// a*b + c, fused in the AVX2/AVX-512 clones (the ensemble math is not part of the noise spec)
-// (intrinsics: GCC turned a per-lane __builtin_fmaf loop into scalar vfmadd132ss with lane
-// extracts in the AVX2 clone, where a v16f is two ymm; 7x slower fast normals)
-static inline __attribute__((always_inline)) v16f vfma16(v16f a, v16f b, v16f c) {
-#if CDK_ISA_LEVEL == 2
-  return (v16f)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
-#elif CDK_ISA_LEVEL == 1
-  const v8f lo = (v8f)_mm256_fmadd_ps(
-      (__m256)__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7),
-      (__m256)__builtin_shufflevector(b, b, 0, 1, 2, 3, 4, 5, 6, 7),
-      (__m256)__builtin_shufflevector(c, c, 0, 1, 2, 3, 4, 5, 6, 7));
-  const v8f hi = (v8f)_mm256_fmadd_ps(
-      (__m256)__builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15),
-      (__m256)__builtin_shufflevector(b, b, 8, 9, 10, 11, 12, 13, 14, 15),
-      (__m256)__builtin_shufflevector(c, c, 8, 9, 10, 11, 12, 13, 14, 15));
-  return __builtin_shufflevector(lo, hi, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
-#else
-  return a * b + c;
-#endif
-}
-
-
 // -- the float32 stream's normals with fast transcendentals (docs/noise.md 3c): cd_smooth only --
 // cd_smooth averages K samples of act(x + s eps); its result depends on the distribution of eps,
 // not on its last bits (3c), and at K = 8 its time is the noise. The accurate Box-Muller spends
@@ -325,58 +243,9 @@ static inline __attribute__((always_inline)) v16f vfma16(v16f a, v16f b, v16f c)
 //   the accurate angle: the same quarter-turn reduction, polynomials and rotation.
 // So |eps_fast - eps| <= 1e-6 r, inside 3c's bound of 2^-18 r = 3.8e-6 r
 // (tests/test_cpu_simd.py::test_cd_smooth_fast_normals_within_the_3c_bound).
-static inline __attribute__((always_inline)) void box_muller_fast16(v16u wa, v16u wb,
-                                                                    v16f* out_cos, v16f* out_sin) {
-  // U(w) 2^24 = 2 (w >> 9) + 1 = (w >> 8) | 1, an odd integer below 2^24 (exact in float32)
-  const v16u na = (wa >> 8) | 1u, nb = (wb >> 8) | 1u;
-  // -ln U, split as in cdk::log_unit (mantissa shifted into [sqrt(1/2), sqrt(2))), read off
-  // the float of U 2^24: the same mantissa, the exponent 24 higher
-  const v16u adj = (v16u)__builtin_convertvector((v16i)na, v16f) + (0x3f800000u - 0x3f3504f3u);
-  const v16f e = __builtin_convertvector((v16i)(adj >> 23) - (127 + 24), v16f);
-  const v16f f = (v16f)((adj & 0x007fffffu) + 0x3f3504f3u) - 1.0f;  // exact (Sterbenz)
-  v16f p = splat16(0.12210112065076828f);
-  p = vfma16(p, f, splat16(-0.18781527876853943f));
-  p = vfma16(p, f, splat16(0.20454612374305725f));
-  p = vfma16(p, f, splat16(-0.24896912276744843f));
-  p = vfma16(p, f, splat16(0.3331604301929474f));
-  p = vfma16(p, f, splat16(-0.5000139474868774f));
-  p = vfma16(p, f, splat16(1.0000008344650269f));
-  const v16f t = vfma16(e, splat16(0.693147182f), f * p) * -2.0f;  // -2 ln U in (0, 33.3]
-  v16f r;
-  for (int j = 0; j < 16; ++j) r[j] = __builtin_sqrtf(t[j]);
-  // The angle of cdk::box_muller_u in integers: q = round(4U) = (n + 2^21) >> 22 and
-  // (U - q/4) 2^24 = n - q 2^22, exact; times 2 pi 2^-24 it is the same float as 2 pi (U - q/4)
-  // (a power-of-two scaling commutes with the rounding).
-  const v16u qu = (nb + (1u << 21)) >> 22;
-  const v16f x = __builtin_convertvector((v16i)(nb - (qu << 22)), v16f) *
-                 (6.28318530717958647692f * 5.9604644775390625e-08f);
-  const v16f z = x * x;
-  const v16f ps = vfma16(z, vfma16(z, splat16(-1.9515295891e-4f), splat16(8.3321608736e-3f)),
-                         splat16(-1.6666654611e-1f));
-  const v16f sn = vfma16(x * z, ps, x);
-  const v16f pc = vfma16(z, vfma16(z, splat16(2.443315711809948e-5f),
-                                   splat16(-1.388731625493765e-3f)),
-                         splat16(4.166664568298827e-2f));
-  const v16f cs = vfma16(splat16(-0.5f), z, splat16(1.0f)) + (z * z) * pc;
-  // rotate by q quarter turns (swap when q is odd, sign flips for q mod 4 in {1, 2} and {2, 3})
-#if CDK_ISA_LEVEL == 2  // one vptestmd, two masked moves, two vpternlogd (GCC: eleven ops)
-  const __mmask16 odd = _mm512_test_epi32_mask((__m512i)qu, _mm512_set1_epi32(1));
-  const __m512 a = _mm512_mask_blend_ps(odd, (__m512)cs, (__m512)sn);
-  const __m512 b = _mm512_mask_blend_ps(odd, (__m512)sn, (__m512)cs);
-  const __m512i sign = _mm512_set1_epi32((int)0x80000000u);
-  // 0x78 = A ^ (B & C): the sign bit of (q + 1) << 30 resp. q << 30 flips a resp. b
-  const __m512i ca = _mm512_ternarylogic_epi32((__m512i)a, (__m512i)((qu + 1u) << 30), sign, 0x78);
-  const __m512i sb = _mm512_ternarylogic_epi32((__m512i)b, (__m512i)(qu << 30), sign, 0x78);
-  *out_cos = r * (v16f)ca;
-  *out_sin = r * (v16f)sb;
-#else  // the swap as bit masks (a vector ?: came out scalar in the AVX2 clone)
-  const v16u odd = (v16u)(-(v16i)(qu & 1u));  // all ones where q is odd
-  const v16u a = ((v16u)sn & odd) | ((v16u)cs & ~odd), b = ((v16u)cs & odd) | ((v16u)sn & ~odd);
-  *out_cos = r * (v16f)(a ^ (((qu + 1u) << 30) & 0x80000000u));
-  *out_sin = r * (v16f)(b ^ ((qu << 30) & 0x80000000u));
-#endif
-}
-
+// Written one pair at a time: GCC's loop vectoriser turns normals_fast_run's loop over it into
+// clean code at every SIMD level (a hand-written 16-lane version measured the same in AVX-512,
+// and GCC split it into ymm halves with lane moves through the stack in AVX2).
 // a*b + c, one rounding where the clone has FMA
 static inline __attribute__((always_inline)) float smooth_fma(float a, float b, float c) {
 #if CDK_ISA_LEVEL >= 1
@@ -386,16 +255,16 @@ static inline __attribute__((always_inline)) float smooth_fma(float a, float b, 
 #endif
 }
 
-// The same arithmetic one pair at a time, for the AVX2 and baseline clones: GCC's loop
-// vectoriser turns a loop over it into clean 8-lane code, whereas the 16-lane vector version
-// above is split into ymm halves with lane moves through the stack there.
-static inline __attribute__((always_inline)) void box_muller_fast1(uint32_t wa, uint32_t wb,
-                                                                   float* out_cos,
-                                                                   float* out_sin) {
+static inline __attribute__((always_inline)) void box_muller_fast(uint32_t wa, uint32_t wb,
+                                                                  float* out_cos,
+                                                                  float* out_sin) {
+  // U(w) 2^24 = 2 (w >> 9) + 1 = (w >> 8) | 1, an odd integer below 2^24 (exact in float32)
   const uint32_t na = (wa >> 8) | 1u, nb = (wb >> 8) | 1u;
+  // -ln U, split as in cdk::log_unit (mantissa shifted into [sqrt(1/2), sqrt(2))), read off
+  // the float of U 2^24: the same mantissa, the exponent 24 higher
   const uint32_t adj = cdk::float_to_bits((float)(int32_t)na) + (0x3f800000u - 0x3f3504f3u);
   const float e = (float)((int32_t)(adj >> 23) - (127 + 24));
-  const float f = cdk::bits_to_float((adj & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
+  const float f = cdk::bits_to_float((adj & 0x007fffffu) + 0x3f3504f3u) - 1.0f;  // exact
   float p = 0.12210112065076828f;
   p = smooth_fma(p, f, -0.18781527876853943f);
   p = smooth_fma(p, f, 0.20454612374305725f);
@@ -403,8 +272,11 @@ static inline __attribute__((always_inline)) void box_muller_fast1(uint32_t wa, 
   p = smooth_fma(p, f, 0.3331604301929474f);
   p = smooth_fma(p, f, -0.5000139474868774f);
   p = smooth_fma(p, f, 1.0000008344650269f);
-  const float t = smooth_fma(e, 0.693147182f, f * p) * -2.0f;
+  const float t = smooth_fma(e, 0.693147182f, f * p) * -2.0f;  // -2 ln U in (0, 33.3]
   const float r = __builtin_sqrtf(t);
+  // The angle of cdk::box_muller_u in integers: q = round(4U) = (n + 2^21) >> 22 and
+  // (U - q/4) 2^24 = n - q 2^22, exact; times 2 pi 2^-24 it is the same float as 2 pi (U - q/4)
+  // (a power-of-two scaling commutes with the rounding).
   const uint32_t qu = (nb + (1u << 21)) >> 22;
   const float x = (float)(int32_t)(nb - (qu << 22)) *
                   (6.28318530717958647692f * 5.9604644775390625e-08f);
@@ -415,61 +287,27 @@ static inline __attribute__((always_inline)) void box_muller_fast1(uint32_t wa, 
   const float pc = smooth_fma(z, smooth_fma(z, 2.443315711809948e-5f, -1.388731625493765e-3f),
                               4.166664568298827e-2f);
   const float cs = smooth_fma(-0.5f, z, 1.0f) + (z * z) * pc;
+  // rotate by q quarter turns (swap when q is odd, sign flips for q mod 4 in {1, 2} and {2, 3})
   const bool odd = (qu & 1u) != 0u;
   const float a = odd ? sn : cs, b = odd ? cs : sn;
   *out_cos = r * cdk::bits_to_float(cdk::float_to_bits(a) ^ (((qu + 1u) << 30) & 0x80000000u));
   *out_sin = r * cdk::bits_to_float(cdk::float_to_bits(b) ^ ((qu << 30) & 0x80000000u));
 }
 
-static inline __attribute__((always_inline)) v16u ldu16(const uint32_t* p) {
-  v16u v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
-
-// As normals_run, with box_muller_fast16: 16 blocks (64 normals) per step, the four normals of
-// each block interleaved back into stream order.
+// As normals_run, with box_muller_fast.
 static void normals_fast_run(float* __restrict out, uint32_t lo0, uint32_t hi, uint32_t sample,
                              uint32_t k0, uint32_t k1, int nb) {
   philox_chunks(lo0, hi, sample, k0, k1, nb, [&](uint32_t (*w)[PHILOX_SOA], int i0, int m) {
     float* o = out + 4 * i0;
-#if CDK_ISA_LEVEL == 2
-    for (int i = 0; i < m; i += 16) {  // lanes past m (last step) compute on stale words
-      v16f n0, n1, n2, n3;
-      box_muller_fast16(ldu16(w[0] + i), ldu16(w[1] + i), &n0, &n1);
-      box_muller_fast16(ldu16(w[2] + i), ldu16(w[3] + i), &n2, &n3);
-      alignas(64) float q[64];
-      float* dst = i + 16 <= m ? o + 4 * i : q;
-      // four 2-source permutes per 16 blocks
-      const v16f a = __builtin_shufflevector(n0, n1, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21,
-                                             6, 22, 7, 23);
-      const v16f b = __builtin_shufflevector(n0, n1, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13,
-                                             29, 14, 30, 15, 31);
-      const v16f c = __builtin_shufflevector(n2, n3, 0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21,
-                                             6, 22, 7, 23);
-      const v16f d = __builtin_shufflevector(n2, n3, 8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13,
-                                             29, 14, 30, 15, 31);
-      st16(dst, __builtin_shufflevector(a, c, 0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6, 7,
-                                        22, 23));
-      st16(dst + 16, __builtin_shufflevector(a, c, 8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28,
-                                             29, 14, 15, 30, 31));
-      st16(dst + 32, __builtin_shufflevector(b, d, 0, 1, 16, 17, 2, 3, 18, 19, 4, 5, 20, 21, 6,
-                                             7, 22, 23));
-      st16(dst + 48, __builtin_shufflevector(b, d, 8, 9, 24, 25, 10, 11, 26, 27, 12, 13, 28,
-                                             29, 14, 15, 30, 31));
-      if (dst == q) memcpy(o + 4 * i, q, sizeof(float) * 4 * (m - i));
-    }
-#else
     for (int i = 0; i < m; ++i) {
       float n0, n1, n2, n3;
-      box_muller_fast1(w[0][i], w[1][i], &n0, &n1);
-      box_muller_fast1(w[2][i], w[3][i], &n2, &n3);
+      box_muller_fast(w[0][i], w[1][i], &n0, &n1);
+      box_muller_fast(w[2][i], w[3][i], &n2, &n3);
       o[4 * i + 0] = n0;
       o[4 * i + 1] = n1;
       o[4 * i + 2] = n2;
       o[4 * i + 3] = n3;
     }
-#endif
   });
 }
 
@@ -927,6 +765,29 @@ static void logprob_row(const typename D::T* inp, int64_t b, int64_t K, int64_t 
   }
 }
 
+// -- 16-lane vectors ----------------------------------------------------------------------------
+// GCC vector types of 16 floats: one zmm in the AVX-512 clone, two ymm in AVX2, four xmm in
+// baseline (the std-step kernels, and the ensemble rows' vectors in AVX-512).
+typedef float v16f __attribute__((vector_size(64)));
+typedef int32_t v16i __attribute__((vector_size(64)));
+typedef uint32_t v16u __attribute__((vector_size(64)));
+typedef float v8f __attribute__((vector_size(32)));
+typedef float v4f __attribute__((vector_size(16)));
+
+static inline __attribute__((always_inline)) v16f ld16(const float* p) {
+  v16f v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+static inline __attribute__((always_inline)) void st16(float* p, v16f v) { memcpy(p, &v, sizeof v); }
+static inline __attribute__((always_inline)) v16f splat16(float x) { return v16f{} + x; }
+static inline __attribute__((always_inline)) float hsum16(v16f v) {
+  const v8f a = __builtin_shufflevector(v, v, 0, 1, 2, 3, 4, 5, 6, 7) +
+                __builtin_shufflevector(v, v, 8, 9, 10, 11, 12, 13, 14, 15);
+  const v4f c = __builtin_shufflevector(a, a, 0, 1, 2, 3) + __builtin_shufflevector(a, a, 4, 5, 6, 7);
+  return (c[0] + c[1]) + (c[2] + c[3]);
+}
+
 // Rows are processed as whole vectors, the last one padded with -inf (softmax weight exactly 0)
 // in registers: a C = 100 row spent about 40 % of its time in a scalar 4-element tail. Scratch
 // rows are Cp = C rounded up to 16 long (a whole number of vectors at every width).
@@ -964,15 +825,15 @@ static inline __attribute__((always_inline)) EV ev_ld(const float* p) {
 }
 static inline __attribute__((always_inline)) void ev_st(float* p, EV v) { memcpy(p, &v, sizeof v); }
 static inline __attribute__((always_inline)) EV ev_max(EV a, EV b) {  // a > b ? a : b
-#if CDK_ISA_LEVEL == 2
-  return vmax16(a, b);
+#if CDK_ISA_LEVEL == 2  // (b when unordered, as maxps)
+  return (EV)_mm512_max_ps((__m512)a, (__m512)b);
 #else
   return a > b ? a : b;  // native width: one vmaxps
 #endif
 }
 static inline __attribute__((always_inline)) EV ev_fma(EV a, EV b, EV c) {
 #if CDK_ISA_LEVEL == 2
-  return vfma16(a, b, c);
+  return (EV)_mm512_fmadd_ps((__m512)a, (__m512)b, (__m512)c);
 #elif CDK_ISA_LEVEL == 1
   return (EV)_mm256_fmadd_ps((__m256)a, (__m256)b, (__m256)c);
 #else
@@ -981,7 +842,7 @@ static inline __attribute__((always_inline)) EV ev_fma(EV a, EV b, EV c) {
 }
 static inline __attribute__((always_inline)) EVu ev_lt(EV a, EV b) {  // all ones where a < b
 #if CDK_ISA_LEVEL == 2
-  return vlt16(a, b);
+  return (EVu)_mm512_movm_epi32(_mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_LT_OQ));
 #else
   return (EVu)(a < b);
 #endif
