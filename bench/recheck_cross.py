@@ -21,13 +21,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import reproduce as P  # noqa: E402
 
 
-def _write(path, res):
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(res, fh)
-    os.replace(tmp, path)  # newer than best.pt, so reproduce keeps using it
-
-
 def main(argv=None):
     p = P.build_parser()
     p.add_argument("--cross-only", action="store_true",
@@ -55,7 +48,7 @@ def main(argv=None):
                                   grad_check=False))
         if args.cross_only:
             res["rechecked"] = "cross recomputed after the torchattacks training-mode fix"
-            _write(path, res)
+            P._write_json(path, res)  # newer than best.pt: reproduce keeps it
             print(f"{arm}: cross {res['cross']['robust_acc']:.3f}", flush=True)
             continue
         sub = P.A.pixel_batches(data, data.test, 250, cfg["conv_n"])
@@ -66,7 +59,7 @@ def main(argv=None):
                                  grad_check=False))
         res["conv"].update(K=cfg["conv_K"] if noisy else None, M=cfg["conv_M"] if noisy else 1)
         res["rechecked"] = "cross and conv recomputed after the torchattacks training-mode fix"
-        _write(path, res)
+        P._write_json(path, res)  # newer than best.pt: reproduce keeps it
         print(f"{arm}: cross {res['cross']['robust_acc']:.3f} (nat {res['cross']['natural_acc']:.3f})"
               f", conv {res['conv']['robust_acc']:.3f}", flush=True)
     return 0

@@ -227,18 +227,31 @@ def _train_key(argv):
     return key
 
 
+def _write_json(path, obj):
+    """Write obj to path through a temporary name, so a stopped run never leaves half a file."""
+    tmp = path + ".tmp"
+    with open(tmp, "w") as fh:
+        json.dump(obj, fh, separators=(",", ":"))
+    os.replace(tmp, path)
+
+
+def _record_unit(records, cfg, arm, seed, device, data_dir):
+    """(folder of the unit's records, its training key)."""
+    return (os.path.join(records, f"{arm}_s{seed}"),
+            _train_key(train_argv(cfg, arm, seed, device, "", data_dir)))
+
+
 def load_records(records, cfg, arm, seed, device, data_dir):
     """The archived (summary, evaluation) of a finished unit with these exact settings, or None."""
     if not records:
         return None
-    rdir = os.path.join(records, f"{arm}_s{seed}")
+    rdir, key = _record_unit(records, cfg, arm, seed, device, data_dir)
     paths = [os.path.join(rdir, f) for f in
              ("train_key.json", "summary.json", f"eval_{_hash(eval_settings(cfg, seed))}.json")]
-    key = _train_key(train_argv(cfg, arm, seed, device, "", data_dir))
-    if os.path.isfile(paths[0]) and json.load(open(paths[0])) != key:
+    old_key = json.load(open(paths[0])) if os.path.isfile(paths[0]) else None
+    if old_key is not None and old_key != key:
         raise SystemExit(f"reproduce: error: {rdir} holds a unit trained with other settings "
-                         f"({' '.join(json.load(open(paths[0])))}); give this protocol its own "
-                         "--records folder")
+                         f"({' '.join(old_key)}); give this protocol its own --records folder")
     if not all(os.path.isfile(q) for q in paths):
         return None
     summ, ev = json.load(open(paths[1])), json.load(open(paths[2]))
@@ -248,10 +261,9 @@ def load_records(records, cfg, arm, seed, device, data_dir):
 
 
 def save_records(records, cfg, arm, seed, device, data_dir, summ, ev):
-    """Archive a finished unit's records (written to a temporary name, then renamed)."""
-    rdir = os.path.join(records, f"{arm}_s{seed}")
+    """Archive a finished unit's records."""
+    rdir, key = _record_unit(records, cfg, arm, seed, device, data_dir)
     os.makedirs(rdir, exist_ok=True)
-    key = _train_key(train_argv(cfg, arm, seed, device, "", data_dir))
     old = os.path.join(rdir, "summary.json")
     if os.path.isfile(old) and json.load(open(old)) != summ:  # retrained: old evals are stale
         for f in os.listdir(rdir):
@@ -259,10 +271,7 @@ def save_records(records, cfg, arm, seed, device, data_dir, summ, ev):
                 os.remove(os.path.join(rdir, f))
     for name, obj in (("summary.json", summ), (f"eval_{_hash(ev['settings'])}.json", ev),
                       ("train_key.json", key)):
-        tmp = os.path.join(rdir, name + ".tmp")
-        with open(tmp, "w") as fh:
-            json.dump(obj, fh, indent=None, separators=(",", ":"))
-        os.replace(tmp, os.path.join(rdir, name))
+        _write_json(os.path.join(rdir, name), obj)
 
 
 def eval_settings(cfg, seed):
@@ -328,10 +337,7 @@ def eval_unit(cfg, arm, seed, device, work, data_dir, log):
                                grad_check=False))
         res["conv"].update(K=cfg["conv_K"] if noisy else None, M=cfg["conv_M"] if noisy else 1)
     res["eval_time_s"] = time.time() - t0
-    tmp = path + ".tmp"
-    with open(tmp, "w") as fh:
-        json.dump(res, fh)
-    os.replace(tmp, path)
+    _write_json(path, res)
     return res, False
 
 
