@@ -14,6 +14,12 @@ Backward: with g = dL/dy and eps regenerated from the seed,
     dL/dx_i    = g_i + dL/dstd * (z_i - mean) / ((n - 1) std),  dL/df_i = dt * dL/dx_i
 computed as one reduction kernel (cd_step's grad_sigma pass) and one elementwise kernel
 (backend ``z_std_bwd``).
+
+The CPU backend runs each direction as one call (``std_step_fwd`` / ``std_step_bwd``: fewer host
+round trips, which dominate at small sizes), and for float32 reads eps back from the saved output
+y instead of regenerating it, tile by tile where the rounding bound of docs/noise.md 3d holds
+(|eps~ - eps| < 5e-6); so y is saved for the backward (it costs no memory in a network, where the
+next layer keeps it anyway) and changing it in place before the backward is an autograd error.
 """
 from __future__ import annotations
 
@@ -60,6 +66,12 @@ def _std_fwd(x, f, dt, coef, seed, be):
         stats.fill_(float("nan"))
         return torch.empty_like(x), stats
     xd, fd = _dense_pair(x, f)
+    if _one_call(be, x):
+        y = C.empty_output(xd)
+        c = C.sigma_for_kernel(coef, x.dtype)
+        ch, cs = C.channel_map(xd, c)
+        be.std_step_fwd(xd, fd, y, dt, c, ch, cs, seed, 0, stats)
+        return y, stats
     be.z_stats(_flat(xd), _flat(fd), dt, stats)
     sig = (_sigma_eff_host(coef, stats.tolist()[1], dt, x.dtype) if x.is_cpu
            else _sigma_eff(coef, stats, dt, x.dtype))
@@ -67,8 +79,14 @@ def _std_fwd(x, f, dt, coef, seed, be):
     return y, stats
 
 
-def _std_bwd(grad_y, x, f, dt, coef, seed, stats, be, need_xf, need_coef):
-    """(grad_x, grad_f, grad_coef as float32/float64 [C or 1]); None where not needed."""
+def _one_call(be, x):
+    """True for a backend with the whole step in one call per direction (the CPU's)."""
+    return x.dtype != torch.float64 and getattr(be, "std_step_fwd", None) is not None
+
+
+def _std_bwd(grad_y, x, f, dt, coef, seed, stats, be, need_xf, need_coef, y=None):
+    """(grad_x, grad_f, grad_coef as float32/float64 [C or 1]); None where not needed. y, the
+    forward's output, lets the CPU backend read eps back instead of regenerating it."""
     n = x.numel()
     if n == 0:
         return (torch.zeros_like(x) if need_xf else None, torch.zeros_like(f) if need_xf else None,
@@ -76,6 +94,8 @@ def _std_bwd(grad_y, x, f, dt, coef, seed, stats, be, need_xf, need_coef):
                 if need_coef else None)
     xd, fd = _dense_pair(x, f)
     g = C.like(C.dense_input(grad_y), xd)
+    if _one_call(be, x):
+        return _std_bwd_one_call(g, xd, fd, y, dt, coef, seed, stats, be, need_xf, need_coef)
     if x.is_cpu:
         return _std_bwd_host(g, xd, fd, dt, coef, seed, stats, be, need_xf, need_coef)
     sig = _sigma_eff(coef, stats, dt, x.dtype)
@@ -119,6 +139,23 @@ def _std_bwd_host(g, xd, fd, dt, coef, seed, stats, be, need_xf, need_coef):
     return gx, gf, grad_coef
 
 
+def _std_bwd_one_call(g, xd, fd, y, dt, coef, seed, stats, be, need_xf, need_coef):
+    """_std_bwd on a backend with std_step_bwd (one call: sum g eps, then the elementwise pass;
+    grad_f is grad_x itself when dt == 1)."""
+    c = C.sigma_for_kernel(coef, xd.dtype)
+    ch, cs = C.channel_map(xd, c)
+    mean, sd = stats.tolist()
+    if y is not None and (y.dtype != xd.dtype or y.shape != xd.shape
+                          or y.stride() != xd.stride()):
+        y = None  # (not the forward's output layout: regenerate eps)
+    gx = torch.empty_like(xd) if need_xf else None
+    gf = (gx if dt == 1.0 else torch.empty_like(xd)) if need_xf else None
+    gc = torch.empty(c.numel(), dtype=torch.float32) if need_coef else None
+    be.std_step_bwd(g, y, xd, fd, gx, None if gf is gx else gf, gc, dt, c, ch, cs, seed, 0,
+                    mean, sd)
+    return gx, gf, gc
+
+
 def _coef_grad(gc, coef):
     gc = gc if gc.shape == coef.shape else gc.reshape(coef.shape)
     return gc if gc.dtype == coef.dtype else gc.to(coef.dtype)
@@ -139,11 +176,11 @@ def _(x, f, dt, coef, seed, backend):
 
 
 @torch.library.custom_op("cdkernels::cd_std_step_backward", mutates_args=())
-def cd_std_step_backward_op(grad_y: Tensor, x: Tensor, f: Tensor, dt: float, coef: Tensor,
-                            seed: Tensor, stats: Tensor, backend: str, need_xf: bool,
-                            need_coef: bool) -> tuple[Tensor, Tensor, Tensor]:
+def cd_std_step_backward_op(grad_y: Tensor, x: Tensor, f: Tensor, y: Optional[Tensor], dt: float,
+                            coef: Tensor, seed: Tensor, stats: Tensor, backend: str,
+                            need_xf: bool, need_coef: bool) -> tuple[Tensor, Tensor, Tensor]:
     gx, gf, gc = _std_bwd(grad_y, x, f, dt, coef, seed, stats,
-                          get_backend(x.device, x.dtype, backend or None), need_xf, need_coef)
+                          get_backend(x.device, x.dtype, backend or None), need_xf, need_coef, y)
     e = x.new_empty(0)
     gdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     return (e if gx is None else gx, e.clone() if gf is None else gf,
@@ -151,7 +188,7 @@ def cd_std_step_backward_op(grad_y: Tensor, x: Tensor, f: Tensor, dt: float, coe
 
 
 @cd_std_step_backward_op.register_fake
-def _(grad_y, x, f, dt, coef, seed, stats, backend, need_xf, need_coef):
+def _(grad_y, x, f, y, dt, coef, seed, stats, backend, need_xf, need_coef):
     gdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     return (torch.empty_like(x) if need_xf else x.new_empty(0),
             torch.empty_like(x) if need_xf else x.new_empty(0),
@@ -161,15 +198,17 @@ def _(grad_y, x, f, dt, coef, seed, stats, backend, need_xf, need_coef):
 def _setup_context(ctx, inputs, output):
     x, f, dt, coef, seed, backend = inputs
     ctx.dt, ctx.backend = dt, backend
-    ctx.save_for_backward(x, f, coef, seed, output[1])
+    # y too: the CPU backend reads eps back from it (no memory of its own in a network: the
+    # next layer keeps it for its backward anyway)
+    ctx.save_for_backward(x, f, coef, seed, output[1], output[0])
 
 
 def _backward(ctx, grad_y, _grad_stats):
-    x, f, coef, seed, stats = ctx.saved_tensors
+    x, f, coef, seed, stats, y = ctx.saved_tensors
     need_xf = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
     need_coef = ctx.needs_input_grad[3]
-    gx, gf, gc = cd_std_step_backward_op(grad_y, x, f, ctx.dt, coef, seed, stats, ctx.backend,
-                                         need_xf, need_coef)
+    gx, gf, gc = cd_std_step_backward_op(grad_y, x, f, y, ctx.dt, coef, seed, stats,
+                                         ctx.backend, need_xf, need_coef)
     return (gx if ctx.needs_input_grad[0] else None, gf if ctx.needs_input_grad[1] else None,
             None, _coef_grad(gc, coef) if need_coef else None, None, None)
 
@@ -185,16 +224,16 @@ class _StdStepFn(torch.autograd.Function):
         dt, seed, be = meta
         y, stats = _std_fwd(x, f, dt, coef, seed, be)
         ctx.dt, ctx.be = dt, be
-        ctx.save_for_backward(x, f, coef, seed, stats)
+        ctx.save_for_backward(x, f, coef, seed, stats, y)  # (y: as _setup_context)
         return y
 
     @staticmethod
     def backward(ctx, grad_y):
-        x, f, coef, seed, stats = ctx.saved_tensors
+        x, f, coef, seed, stats, y = ctx.saved_tensors
         need_xf = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         need_coef = ctx.needs_input_grad[2]
         gx, gf, gc = _std_bwd(grad_y, x, f, ctx.dt, coef, seed, stats, ctx.be, need_xf,
-                              need_coef)
+                              need_coef, y)
         return (gx if ctx.needs_input_grad[0] else None, gf if ctx.needs_input_grad[1] else None,
                 _coef_grad(gc, coef) if need_coef else None, None)
 

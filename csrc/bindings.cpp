@@ -307,6 +307,55 @@ PYBIND11_MODULE(_C, m) {
       "grad_x = grad_y + za*(z - mean) + zb, grad_f = dt*grad_x, z = x + dt*f (grad_y, grad_f "
       "optional).");
 
+  m.def("std_step_fwd", [](uintptr_t x, uintptr_t f, uintptr_t y, int64_t n, int dtype,
+                           double dt, uintptr_t coef, int64_t C, int64_t chan_stride,
+                           uintptr_t seed, uint64_t offset, uintptr_t stats, int nthreads) {
+        PointArgs a;
+        a.dtype = check_dtype(dtype);
+        if (!(dt > 0.0)) throw std::invalid_argument("cdkernels._C: std_step needs dt > 0");
+        a.x = ptr<const void>(x); a.f = ptr<const void>(f); a.y = ptr<void>(y);
+        a.dt = (float)dt;
+        a.sqrt_dt = (float)std::sqrt(dt);
+        fill_sigma(a, coef, 0.0, C, chan_stride);
+        a.seed = read_seed(seed);
+        a.offset = offset;
+        py::gil_scoped_release nogil;
+        std_step_fwd(a, n, dt, ptr<const float>(coef), ptr<double>(stats), nthreads);
+      }, py::arg("x"), py::arg("f"), py::arg("y"), py::arg("n"), py::arg("dtype"), py::arg("dt"),
+      py::arg("coef"), py::arg("C"), py::arg("chan_stride"), py::arg("seed"), py::arg("offset"),
+      py::arg("stats"), py::arg("nthreads"),
+      "The std step forward in one call: stats (float64 [2]) = (mean, std) of z = x + dt*f, "
+      "then y = z + coef_c*std*eps (coef float32 [C]).");
+  m.def("std_step_bwd", [](uintptr_t grad_y, uintptr_t y, uintptr_t x, uintptr_t f,
+                           uintptr_t grad_x, uintptr_t grad_f, uintptr_t grad_coef, int64_t n,
+                           int dtype, double dt, uintptr_t coef, int64_t C, int64_t chan_stride,
+                           uintptr_t seed, uint64_t offset, double mean, double sd,
+                           int nthreads) {
+        PointArgs a;
+        a.dtype = check_dtype(dtype);
+        if (!(dt > 0.0)) throw std::invalid_argument("cdkernels._C: std_step needs dt > 0");
+        if (n > 0 && !grad_x && !grad_coef)
+          throw std::invalid_argument("cdkernels._C: std_step_bwd with no output");
+        a.gy = ptr<const void>(grad_y); a.yv = y ? ptr<const void>(y) : nullptr;
+        a.x = ptr<const void>(x); a.f = ptr<const void>(f);
+        a.gx = grad_x ? ptr<void>(grad_x) : nullptr;
+        a.gf = grad_f ? ptr<void>(grad_f) : nullptr;
+        a.dt = (float)dt;
+        a.sqrt_dt = (float)std::sqrt(dt);
+        fill_sigma(a, coef, 0.0, C, chan_stride);
+        a.seed = read_seed(seed);
+        a.offset = offset;
+        py::gil_scoped_release nogil;
+        std_step_bwd(a, n, dt, ptr<const float>(coef), mean, sd,
+                     grad_coef ? ptr<float>(grad_coef) : nullptr, grad_x != 0, nthreads);
+      }, py::arg("grad_y"), py::arg("y"), py::arg("x"), py::arg("f"), py::arg("grad_x"),
+      py::arg("grad_f"), py::arg("grad_coef"), py::arg("n"), py::arg("dtype"), py::arg("dt"),
+      py::arg("coef"), py::arg("C"), py::arg("chan_stride"), py::arg("seed"), py::arg("offset"),
+      py::arg("mean"), py::arg("sd"), py::arg("nthreads"),
+      "The std step backward in one call: grad_coef[c] = dL/dcoef_c (float32 [C], optional), "
+      "grad_x = dL/dx and grad_f = dt*grad_x (optional) when grad_x is given. y (optional) "
+      "lets float32 read eps back instead of regenerating it.");
+
   // -- ensemble_mean --------------------------------------------------------------------------
   m.def("ensemble_mean_fwd", [](uintptr_t inp, uintptr_t out, int64_t K, int64_t B, int64_t C,
                                 int dtype, const std::string& space, int nthreads) {

@@ -67,3 +67,16 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     b32 = b.to(torch.float32)
     ulp = (torch.nextafter(b32.abs(), torch.tensor(float("inf"))) - b32.abs()).to(torch.float64)
     return (a.to(torch.float64) - b.to(torch.float64)).abs() / ulp
+
+
+@pytest.fixture
+def cpu_backend():
+    """The compiled CPU backend, for tests of its own entry points: skipped when it is not
+    built, failed instead when CDK_REQUIRE_BACKENDS names it."""
+    ok, why = _usable("cpu", "cpu")
+    if not ok:
+        if "cpu" in REQUIRED:
+            pytest.fail(f"backend 'cpu' is required (CDK_REQUIRE_BACKENDS) but unavailable: "
+                        f"{why}", pytrace=False)
+        pytest.skip(f"cpu backend: {why}")
+    return _load("cpu")[0]

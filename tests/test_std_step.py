@@ -156,6 +156,118 @@ def test_same_noise_as_cd_step_and_std_noise_step_module():
     assert m.coef.grad is not None and m.coef.grad.abs().sum() > 0
 
 
+# -- the CPU backend's one-call step: eps read back from y in its backward (docs/noise.md 3d) -----
+
+def _cpu_bwd(x, f, y, g, coef, dt, seed, stats, need_xf=True):
+    """CpuBackend.std_step_bwd with poisoned outputs: (grad_x, grad_f, grad_coef)."""
+    from cdkernels import _common as C
+    be = get_backend(torch.device("cpu"), x.dtype, "cpu")
+    c = C.sigma_for_kernel(coef, x.dtype)
+    ch, cs = C.channel_map(x, c)
+    gx, gf = (poisoned_like(x), poisoned_like(x)) if need_xf else (None, None)
+    gc = torch.full((c.numel(),), float("nan"))
+    mean, sd = stats.tolist()
+    be.std_step_bwd(g, y, x, f, gx, gf, gc, dt, c, ch, cs, seed, 0, mean, sd)
+    return gx, gf, gc
+
+
+def _cpu_fwd(x, f, coef, dt, seed):
+    from cdkernels import _common as C
+    be = get_backend(torch.device("cpu"), x.dtype, "cpu")
+    c = C.sigma_for_kernel(coef, x.dtype)
+    ch, cs = C.channel_map(x, c)
+    y, stats = poisoned_like(x), torch.full((2,), float("nan"), dtype=torch.float64)
+    be.std_step_fwd(x, f, y, dt, c, ch, cs, seed, 0, stats)
+    return y, stats
+
+
+@pytest.mark.parametrize("dt", [0.3, 1.0])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_reads_eps_back_within_its_bound(cpu_backend, per_channel, layout, dt):
+    """float32: every gradient within the 3d bound of the float64 definition's, and grad_coef
+    within 5e-6 * std * sum|g| of the regenerated-eps result (which it must not equal: the
+    read-back path really ran). 4x5x9x7 = 1260 elements: 512-element tiles cross channels."""
+    x, f = _inputs((4, 5, 9, 7), seed=21, shift=0.5)
+    g = torch.randn(4, 5, 9, 7, generator=torch.Generator().manual_seed(22))
+    if layout == "channels_last":
+        x, f, g = (t.contiguous(memory_format=torch.channels_last) for t in (x, f, g))
+    coef = torch.tensor([0.1, 0.25, 0.4, 0.7, 1.3] if per_channel else 0.15)
+    seed = torch.tensor([31337])
+    y, stats = _cpu_fwd(x, f, coef, dt, seed)
+    torch.testing.assert_close(y, cdkernels.cd_std_step(x, f, dt, coef, seed=seed, backend="cpu"),
+                               rtol=0, atol=0)
+    back = _cpu_bwd(x, f, y, g, coef, dt, seed, stats)
+    regen = _cpu_bwd(x, f, None, g, coef, dt, seed, stats)
+    # the float64 definition's gradients
+    xd, fd, cd = (t.double().requires_grad_() for t in (x, f, coef))
+    z = xd + dt * fd
+    eps = torch.empty_like(x, dtype=torch.float64)  # the stream runs in memory order
+    eps.as_strided((x.numel(),), (1,)).copy_(
+        cdkernels.normal((x.numel(),), seed, dtype=torch.float64))
+    cc = cd.reshape(1, -1, 1, 1) if per_channel else cd
+    (z + cc * z.std() * eps).backward(g.double())
+    sd = stats[1].item()
+    gabs = g.double().abs()
+    per_c = gabs.sum(dim=(0, 2, 3)) if per_channel else gabs.sum().reshape(1)
+    bound = 5e-6 * sd * per_c + 1e-6 * regen[2].double().abs()
+    assert ((back[2].double() - regen[2].double()).abs() <= bound).all()
+    # eps really comes from y: shifting y by s/2 (s = coef_c std) shifts every eps~ by 1/2
+    s = (coef.reshape(1, -1, 1, 1) if per_channel else coef) * sd
+    shifted = _cpu_bwd(x, f, y + 0.5 * s, g, coef, dt, seed, stats, need_xf=False)[2]
+    half = 0.5 * sd * (g.double().sum(dim=(0, 2, 3)) if per_channel else g.double().sum())
+    torch.testing.assert_close(shifted.double() - back[2].double(), half.reshape(-1),
+                               rtol=1e-4, atol=1e-4 * sd * per_c.max().item())
+    ref_c = cd.grad.reshape(-1)
+    assert ((back[2].double() - ref_c).abs() <= bound + 2e-6 * ref_c.abs()).all()
+    for got, ref in ((back[0], xd.grad), (back[1], fd.grad)):
+        assert got.stride() == x.stride()
+        torch.testing.assert_close(got.double(), ref, rtol=2e-5, atol=2e-5)
+    if dt == 1.0:
+        assert torch.equal(back[0], back[1])
+
+
+def test_cpu_regenerates_where_y_cannot_give_eps(cpu_backend):
+    """The guard: a tiny coef (|y| >> 64 s everywhere), 16-bit data (y rounded) and a missing y
+    all regenerate, bit for bit; a few huge elements make only their own tiles regenerate."""
+    seed = torch.tensor([99])
+    for dtype, coef in ((torch.float32, 1e-4), (torch.bfloat16, 0.3), (torch.float16, 0.3)):
+        x, f = _inputs((3, 4, 11, 13), dtype, seed=41)
+        g = torch.randn(x.shape).to(dtype)
+        y, stats = _cpu_fwd(x, f, torch.tensor(coef), 1.0, seed)
+        a = _cpu_bwd(x, f, y, g, torch.tensor(coef), 1.0, seed, stats)
+        b = _cpu_bwd(x, f, None, g, torch.tensor(coef), 1.0, seed, stats)
+        for u, v in zip(a, b):
+            assert torch.equal(u, v), dtype
+    x, f = _inputs((3, 4, 11, 13), seed=42)
+    x.view(-1)[700:710] = 1e4  # one tile's max |y| far above 64 s
+    g = torch.randn(x.shape)
+    coef = torch.tensor(0.2)
+    y, stats = _cpu_fwd(x, f, coef, 1.0, seed)
+    a = _cpu_bwd(x, f, y, g, coef, 1.0, seed, stats, need_xf=False)[2]
+    b = _cpu_bwd(x, f, None, g, coef, 1.0, seed, stats, need_xf=False)[2]
+    sd = stats[1].item()
+    assert (a - b).abs().item() <= 5e-6 * sd * g.abs().sum().item() + 1e-6 * b.abs().item()
+    # y shifted by s/2 in the big elements' tile only (elements 512..1023) changes nothing
+    # (regenerated there); in the next tile it does
+    for lo, moved in ((512, False), (1024, True)):
+        y2 = y.clone()
+        y2.view(-1)[lo:lo + 512] += 0.5 * 0.2 * sd
+        a2 = _cpu_bwd(x, f, y2, g, coef, 1.0, seed, stats, need_xf=False)[2]
+        assert torch.equal(a2, a) != moved, lo
+
+
+def test_cpu_backward_after_y_changed_in_place_raises(cpu_backend):
+    """y is saved for the backward (eps is read back from it): an in-place change of y before
+    the backward is refused by autograd, not silently turned into a wrong gradient."""
+    x, f = _inputs((2, 3, 4, 4), seed=8)
+    x.requires_grad_()
+    y = cdkernels.cd_std_step(x, f, 1.0, 0.3, seed=3)
+    y.mul_(2.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()
+
+
 def test_bad_input():
     x, f = _inputs((2, 3))
     with pytest.raises(ValueError, match="dt"):

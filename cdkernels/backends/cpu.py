@@ -139,6 +139,21 @@ class CpuBackend(Backend):
         _C.z_std_bwd(x.data_ptr(), f.data_ptr(), _ptr(grad_y), _out(grad_x), _out(grad_f),
                      x.numel(), _code(x), float(dt), mean, a, b, _nthreads())
 
+    # The whole std step per direction in one call each (fewer host round trips than
+    # z_stats + cd_step_fwd and cd_step_bwd_sigma + z_std_bwd, which other backends run).
+    # coef: float32 contiguous [C] (C = 1: one value); stats float64 [2] on the CPU.
+    def std_step_fwd(self, x, f, y, dt, coef, C, chan_stride, seed, offset, stats):
+        _C.std_step_fwd(x.data_ptr(), f.data_ptr(), _out(y), x.numel(), _code(x), float(dt),
+                        coef.data_ptr(), int(C), int(chan_stride), _seed_ptr(seed), int(offset),
+                        stats.data_ptr(), _nthreads())
+
+    def std_step_bwd(self, grad_y, y, x, f, grad_x, grad_f, grad_coef, dt, coef, C,
+                     chan_stride, seed, offset, mean, sd):
+        _C.std_step_bwd(grad_y.data_ptr(), _ptr(y), x.data_ptr(), f.data_ptr(), _out(grad_x),
+                        _out(grad_f), _ptr(grad_coef), x.numel(), _code(x), float(dt),
+                        coef.data_ptr(), int(C), int(chan_stride), _seed_ptr(seed), int(offset),
+                        float(mean), float(sd), _nthreads())
+
     # -- cd_smooth --------------------------------------------------------------------------
     def cd_smooth_fwd(self, x, y, sigma, sigma_value, C, chan_stride, samples, seed, offset,
                       act):

@@ -245,6 +245,10 @@ struct PointArgs {
   // std-scaled step (z = x + dt*f): moments are of z - zshift; backward writes
   // grad_x = gy + za*(z - zmean) + zb (gy may be null: 0), grad_f = dt*grad_x
   float zshift = 0.0f, zmean = 0.0f, za = 0.0f, zb = 0.0f;
+  // std_gsum (float32 only): a tile whose max |y|/s (s: the noise scale) is below y_guard
+  // reads eps back from the output, eps = (y - z) / s; other tiles (and y_guard = 0: all)
+  // regenerate it (kernels_impl.h)
+  float y_guard = 0.0f;
 };
 
 struct EnsArgs {
@@ -278,6 +282,8 @@ struct KernelTable {
   // acc[0] += sum (z - zshift), acc[1] += sum (z - zshift)^2 over [begin, end)
   void (*z_moments)(const PointArgs& a, int64_t begin, int64_t end, double* acc);
   void (*z_std_bwd)(const PointArgs& a, int64_t begin, int64_t end);
+  // acc[c] += sum over channel c of gy * eps, the std step's noise (y_guard above)
+  void (*std_gsum)(const PointArgs& a, int64_t begin, int64_t end, double* acc);
 };
 
 }  // namespace cdk_cpu

@@ -5,6 +5,7 @@
 #include <stdlib.h>
 
 #include <atomic>
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -290,6 +291,55 @@ void z_std_bwd(const PointArgs& a, int64_t n, int nthreads) {
   const KernelTable& k = K();
   parallel_for(n, kAlign, threads_for(1.0 * n, nthreads),
                [&](int, int64_t b0, int64_t b1) { k.z_std_bwd(a, b0, b1); });
+}
+
+// sigma_c = float32(coef_c * float32(sd / sqrt(dt))): the kernel sigma of the std step (the
+// float32 product std_step.py's _sigma_eff_host computes for the other backends).
+static std::vector<float> std_sigma(const float* coef, int64_t Cc, double sd, double dt) {
+  const float sdv = (float)(sd / std::sqrt(dt));
+  std::vector<float> sig((size_t)Cc);
+  for (int64_t c = 0; c < Cc; ++c) sig[(size_t)c] = coef[c] * sdv;
+  return sig;
+}
+
+void std_step_fwd(const PointArgs& a, int64_t n, double dt, const float* coef, double* stats,
+                  int nthreads) {
+  z_stats(a, n, stats, nthreads);
+  const std::vector<float> sig = std_sigma(coef, a.C, stats[1], dt);
+  PointArgs b = a;
+  b.sigma = sig.data();
+  b.act = kNone;
+  cd_step_fwd(b, n, nthreads);
+}
+
+void std_step_bwd(const PointArgs& a, int64_t n, double dt, const float* coef, double mean,
+                  double sd, float* grad_coef, bool need_xf, int nthreads) {
+  const KernelTable& k = K();
+  const std::vector<float> sig = std_sigma(coef, a.C, sd, dt);
+  PointArgs b = a;
+  b.sigma = sig.data();
+  b.y_guard = 64.0f;  // (eps read back from y where |y| < 64 s: kernels_impl.h)
+  // pass 1: gs_c = sqrt(dt) sum_{i in c} g_i eps_i = dL/dsigma_c (float32, as cd_step's)
+  const Split sp = threads_for(2.0 * n, nthreads);
+  ChannelSums sums(sp.tasks, a.C);
+  parallel_for(n, kAlign, sp, [&](int t, int64_t b0, int64_t b1) { k.std_gsum(b, b0, b1, sums.of(t)); });
+  std::vector<float> gs((size_t)a.C);
+  sums.add_into(gs.data(), sp.tasks, (float)std::sqrt(dt));
+  const double inv = 1.0 / std::sqrt(dt);
+  if (grad_coef) {  // dL/dcoef_c = gs_c * std / sqrt(dt)
+    const float scale = (float)(sd * inv);
+    for (int64_t c = 0; c < a.C; ++c) grad_coef[c] = gs[(size_t)c] * scale;
+  }
+  if (!need_xf) return;
+  // pass 2: dL/dx = g + dL/dstd (z - mean) / ((n - 1) std), dL/dstd = sum_c coef_c gs_c / sqrt(dt)
+  double gstd = 0.0;
+  for (int64_t c = 0; c < a.C; ++c) gstd += (double)gs[(size_t)c] * (double)coef[c];
+  gstd *= inv;
+  PointArgs w = a;
+  w.zmean = (float)mean;
+  w.za = (float)(gstd / (((double)n - 1.0) * sd));
+  w.zb = 0.0f;
+  z_std_bwd(w, n, nthreads);
 }
 
 // Rows b of the ensemble split over threads, each with its own float scratch of 5*Cp + K + 16 (Cp = C rounded up to 16).

@@ -43,6 +43,16 @@ void cd_smooth_bwd(const PointArgs& a, int64_t n, float* grad_sigma, int nthread
 // |mean| >> std). z_std_bwd: grad_x = gy + za*(z - zmean) + zb, grad_f = dt*grad_x.
 void z_stats(const PointArgs& a, int64_t n, double* out, int nthreads);
 void z_std_bwd(const PointArgs& a, int64_t n, int nthreads);
+// The whole std step per direction, one call each (coef: float32 [a.C], one per channel of
+// a.chan_stride elements, or a.C = 1). std_step_fwd: stats = (mean, std) of z (z_stats), then
+// y = z + coef_c std eps (cd_step's stream, sigma_c = coef_c std / sqrt(dt)).
+// std_step_bwd: a.gy = dL/dy, a.yv = y (or null: eps regenerated), a.x, a.f; writes
+// grad_coef[c] = dL/dcoef_c when not null, and a.gx (= dL/dx) and a.gf (= dt dL/dx; may be
+// null) when need_xf.
+void std_step_fwd(const PointArgs& a, int64_t n, double dt, const float* coef, double* stats,
+                  int nthreads);
+void std_step_bwd(const PointArgs& a, int64_t n, double dt, const float* coef, double mean,
+                  double sd, float* grad_coef, bool need_xf, int nthreads);
 void ensemble_mean_fwd(const EnsArgs& a, int nthreads);
 void ensemble_mean_bwd(const EnsArgs& a, int nthreads);
 

@@ -1209,10 +1209,97 @@ static void k_z_std_bwd(const PointArgs& a, int64_t begin, int64_t end) {
   else zbwd_t<BF16>(a, begin, end);
 }
 
+// The std step's sum_c g eps (its backward's first pass). Regenerating eps costs the Philox
+// and Box-Muller work of the forward again (about 0.5 ns per element on two cores, several
+// times a read of the data); the forward's output already holds it: y = z + s eps with
+// z = x + dt*f recomputed here exactly as the forward did (same expression, same contraction),
+// so
+//   eps~ = (y - z) / s,  |eps~ - eps| <= 2^-24 (|y|/s + 3|eps| + 1)
+// (the rounding of y, of the subtraction and of the product by 1/s). A float32 tile keeps eps~
+// when its max |y|/s < y_guard = 64, which bounds the error by 2^-24 (64 + 19) < 5e-6
+// (docs/noise.md 3d); other tiles, 16-bit data (y rounded to 8 or 11 bits) and a missing y
+// regenerate it.
+// prod[i] = g_i (y_i - z_i) rs_i (rs = 1/s: one value, or per element); returns
+// max_i |y_i| rs_i, what the bound above needs.
+template <bool UNI>
+static inline float eps_back_tile(float* __restrict prod, const float* __restrict g,
+                                  const float* __restrict y, const float* __restrict x,
+                                  const float* __restrict f, const float* __restrict rs,
+                                  float rs1, float dt, int len) {
+  const EVu absmask = EVu{} + 0x7fffffffu;
+  const EV dtv = ev_splat(dt), rsv = ev_splat(rs1);
+  EV m = ev_splat(0.0f);  // (native-width vectors: GCC leaves a float max reduction scalar)
+  int i = 0;
+  for (; i + EW <= len; i += EW) {
+    const EV yv = ev_ld(y + i);
+    const EV r = UNI ? rsv : ev_ld(rs + i);
+    ev_st(prod + i, ev_ld(g + i) * ((yv - (ev_ld(x + i) + dtv * ev_ld(f + i))) * r));
+    m = ev_max((EV)((EVu)yv & absmask) * r, m);
+  }
+  float q = 0.0f;
+  for (int j = 0; j < EW; ++j) q = m[j] > q ? m[j] : q;
+  for (; i < len; ++i) {
+    const float r = UNI ? rs1 : rs[i];
+    prod[i] = g[i] * ((y[i] - (x[i] + dt * f[i])) * r);
+    const float qi = __builtin_fabsf(y[i]) * r;
+    q = qi > q ? qi : q;
+  }
+  return q;
+}
+
+static void std_gsum_f32(const PointArgs& a, int64_t begin, int64_t end, double* acc) {
+  alignas(64) float prod[TILE];
+  alignas(64) float sig[TILE];
+  const float* __restrict g = static_cast<const float*>(a.gy);
+  const float* __restrict y = static_cast<const float*>(a.yv);
+  const float* __restrict x = static_cast<const float*>(a.x);
+  const float* __restrict f = static_cast<const float*>(a.f);
+  const float dt = a.dt, sqdt = a.sqrt_dt;
+  for (int64_t p0 = begin; p0 < end; p0 += TILE) {
+    const int len = (int)(end - p0 < TILE ? end - p0 : TILE);
+    bool back = false;
+    if (y != nullptr && a.y_guard > 0.0f) {
+      // every s finite and > 0 (else regenerate), then max |y|/s below y_guard
+      float sv = 0.0f, q;
+      bool ok = true;
+      if (tile_sigma(a, p0, len, sig, &sv)) {  // s as the forward rounded it: sigma * sqrt(dt)
+        const float s1 = sv * sqdt;
+        ok = s1 > 0.0f && s1 < __builtin_inff();
+        q = eps_back_tile<true>(prod, g + p0, y + p0, x + p0, f + p0, sig, 1.0f / s1, dt, len);
+      } else {
+        for (int i = 0; i < len; ++i) {
+          const float si = sig[i] * sqdt;
+          ok &= si > 0.0f && si < __builtin_inff();
+          sig[i] = 1.0f / si;
+        }
+        q = eps_back_tile<false>(prod, g + p0, y + p0, x + p0, f + p0, sig, 0.0f, dt, len);
+      }
+      back = ok && q < a.y_guard;
+    }
+    if (!back) {
+      gen_data_normals<F32>(prod, a.seed, a.offset, p0, len, 0u);
+      for (int i = 0; i < len; ++i) prod[i] = g[p0 + i] * prod[i];
+    }
+    accum_channels(acc, prod, p0, len, a.C, a.chan_stride);
+  }
+}
+
+static void k_std_gsum(const PointArgs& a, int64_t begin, int64_t end, double* acc) {
+  if (a.dtype == kF32) {
+    std_gsum_f32(a, begin, end, acc);
+    return;
+  }
+  PointArgs r = a;  // 16-bit: cd_step's grad_sigma pass (regenerated eps), no other outputs
+  r.gx = r.gf = nullptr;
+  r.want_gsigma = true;
+  if (a.dtype == kF16) step_bwd_t<F16, false>(r, begin, end, acc);
+  else step_bwd_t<BF16, false>(r, begin, end, acc);
+}
+
 static const KernelTable table = {
     CDK_ISA_NAME,   k_philox_words, k_uniform,       k_normal,  k_cd_step_fwd,
     k_cd_step_bwd,  k_cd_smooth_fwd, k_cd_smooth_bwd, k_ens_fwd, k_ens_bwd,
-    k_z_moments,    k_z_std_bwd,
+    k_z_moments,    k_z_std_bwd,    k_std_gsum,
 };
 
 }  // namespace CDK_ISA_NS
