@@ -94,6 +94,15 @@ def like(t: Tensor, ref: Tensor) -> Tensor:
     return out
 
 
+def with_strides(t: Tensor, stride) -> Tensor:
+    """t laid out with ``stride`` (a dense layout of t's shape; a copy only when it differs)."""
+    if tuple(t.stride()) == tuple(stride) or t.numel() <= 1:
+        return t
+    out = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
+    out.copy_(t)
+    return out
+
+
 def dense_input(x: Tensor) -> Tensor:
     """x itself when dense, else a copy laid out like ``torch.empty_like(x)``."""
     if is_dense(x):

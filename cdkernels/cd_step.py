@@ -110,6 +110,7 @@ def _setup_context(ctx, inputs, output):
     ctx.activation, ctx.backend = activation, backend
     ctx.sigma_shape = None if sigma is None else sigma.shape
     ctx.sigma_dtype = None if sigma is None else sigma.dtype
+    ctx.y_stride = output.stride()
     ctx.save_for_backward(output if activation == "relu" else None, sigma, seed)
 
 
@@ -124,6 +125,10 @@ def _backward(ctx, grad_y):
         if not need_sigma:
             return grad_x, grad_f, None, None, None, None, None, None, None
         need_x = need_f = False
+        # eps is indexed by the output's memory order, and without a saved y the kernel takes
+        # grad_y's: give it y's layout (y.sum().backward() sends an expanded, then contiguous,
+        # grad_y for a channels_last y)
+        grad_y = C.with_strides(C.dense_input(grad_y), ctx.y_stride)
     gx, gf, gs = cd_step_backward_op(grad_y, y, ctx.dt, ctx.sigma_value, sigma, seed, ctx.offset,
                                      ctx.activation, ctx.backend, need_x or need_f, need_sigma)
     if need_x:
@@ -188,6 +193,7 @@ class _CDStepFn(torch.autograd.Function):
         ctx.seed_int = seed_int
         ctx.sigma_shape = None if sigma is None else sigma.shape
         ctx.sigma_dtype = None if sigma is None else sigma.dtype
+        ctx.y_stride = y.stride()
         # a CPU seed buffer is reused by the next call: keep its value (seed_int) instead
         ctx.save_for_backward(y if act == "relu" else None, sigma,
                               seed if seed_int is None else None)
@@ -204,6 +210,7 @@ class _CDStepFn(torch.autograd.Function):
             if not need_sigma:
                 return grad_x, grad_f, None, None
             need_x = need_f = False
+            grad_y = C.with_strides(C.dense_input(grad_y), ctx.y_stride)  # (as _backward)
         if seed is None:
             seed = torch.full((1,), ctx.seed_int, dtype=torch.int64)
         gx, gf, gs = _run_bwd(grad_y, y, ctx.dt, ctx.sigma_value, sigma, seed, 0, ctx.act,

@@ -102,6 +102,37 @@ def test_channels_last_uses_memory_order():
     torch.testing.assert_close(y, x + 0.5 * f + math.sqrt(0.5) * eps_mem, rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("path", ["fast", "op"])
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_sigma_grad_follows_the_output_layout(native, backend, path):
+    """channels_last y with act='none' (y not saved): eps runs in y's memory order, whatever
+    layout grad_y arrives in (y.sum() sends an expanded one, a contiguous one, y's own). It used
+    to be regenerated in grad_y's memory order, a wrong sigma gradient with no error."""
+    name, dev = native
+    be = name if backend == "native" else "reference"
+    dev = dev if backend == "native" else "cpu"
+    x, f = (torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(i)).to(dev)
+            .contiguous(memory_format=torch.channels_last) for i in (1, 2))
+    eps = torch.empty_like(x, dtype=torch.float64, device="cpu")
+    eps.as_strided((x.numel(),), (1,)).copy_(cdkernels.normal((x.numel(),), 5,
+                                                              dtype=torch.float64))
+    seed = torch.tensor([5], device=dev)
+    grads = {"expanded": None, "contiguous": torch.arange(120.0).reshape(2, 3, 4, 5) / 60}
+    grads["channels_last"] = grads["contiguous"].contiguous(memory_format=torch.channels_last)
+    for kind, g in grads.items():
+        s = torch.tensor([0.1, 0.2, 0.3], device=dev, requires_grad=True)
+        y = (cdkernels.cd_step(x, f, 1.0, s, seed=seed, backend=be) if path == "fast" else
+             torch.ops.cdkernels.cd_step.default(x, f, 1.0, 0.0, s, seed, 0, "none", be))
+        if g is None:
+            y.sum().backward()
+            g = torch.ones(2, 3, 4, 5)
+        else:
+            y.backward(g.to(dev))
+        want = (g.double() * eps).sum(dim=(0, 2, 3))
+        torch.testing.assert_close(s.grad.cpu().double(), want, rtol=1e-5, atol=1e-5,
+                                   msg=f"grad_y {kind}")
+
+
 @pytest.mark.parametrize("act", [None, "relu"])
 @pytest.mark.parametrize("sigma_kind", ["float", "scalar_tensor", "per_channel"])
 def test_gradcheck_float64(act, sigma_kind):
