@@ -95,8 +95,9 @@ def like(t: Tensor, ref: Tensor) -> Tensor:
 
 
 def with_strides(t: Tensor, stride) -> Tensor:
-    """t laid out with ``stride`` (a dense layout of t's shape; a copy only when it differs)."""
-    if tuple(t.stride()) == tuple(stride) or t.numel() <= 1:
+    """t laid out with ``stride`` (a dense layout of t's shape; a copy only when it differs,
+    from any layout of t, expanded ones included)."""
+    if t.stride() == stride or t.numel() <= 1:
         return t
     out = torch.empty_strided(t.shape, stride, dtype=t.dtype, device=t.device)
     out.copy_(t)
@@ -189,6 +190,15 @@ def cpu_seed_buffer(seed: Union[None, int]) -> Tensor:
         raise ValueError(f"seed must be in [0, 2**64), got {seed}")
     buf.fill_(_to_signed64(seed))
     return buf
+
+
+def cpu_seed_buffer_signed(value: int) -> Tensor:
+    """cpu_seed_buffer holding a seed already known as its signed int64 value (a backward
+    replaying its forward's seed; no range checks, no draw)."""
+    buf = getattr(_seed_local, "buf", None)
+    if buf is None:
+        buf = _seed_local.buf = torch.empty((1,), dtype=torch.int64)
+    return buf.fill_(value)
 
 
 def make_seed(seed: Union[None, int, Tensor], device: torch.device) -> Tensor:

@@ -128,7 +128,7 @@ def _backward(ctx, grad_y):
         # eps is indexed by the output's memory order, and without a saved y the kernel takes
         # grad_y's: give it y's layout (y.sum().backward() sends an expanded, then contiguous,
         # grad_y for a channels_last y)
-        grad_y = C.with_strides(C.dense_input(grad_y), ctx.y_stride)
+        grad_y = C.with_strides(grad_y, ctx.y_stride)
     gx, gf, gs = cd_step_backward_op(grad_y, y, ctx.dt, ctx.sigma_value, sigma, seed, ctx.offset,
                                      ctx.activation, ctx.backend, need_x or need_f, need_sigma)
     if need_x:
@@ -210,7 +210,14 @@ class _CDStepFn(torch.autograd.Function):
             if not need_sigma:
                 return grad_x, grad_f, None, None
             need_x = need_f = False
-            grad_y = C.with_strides(C.dense_input(grad_y), ctx.y_stride)  # (as _backward)
+            grad_y = C.with_strides(grad_y, ctx.y_stride)  # (as _backward)
+            lean = getattr(ctx.be, "cd_step_sigma_grad", None)
+            if lean is not None and seed is None:
+                # the learnable-sigma training case on the CPU: one kernel call, few host steps
+                gs = lean(grad_y, sigma, ctx.y_stride, ctx.seed_int, ctx.dt)
+                if gs is not None:
+                    return (grad_x, grad_f, _sigma_grad(gs, ctx.sigma_shape, ctx.sigma_dtype),
+                            None)
         if seed is None:
             seed = torch.full((1,), ctx.seed_int, dtype=torch.int64)
         gx, gf, gs = _run_bwd(grad_y, y, ctx.dt, ctx.sigma_value, sigma, seed, 0, ctx.act,

@@ -70,6 +70,36 @@ def test_fast_path_equals_custom_op(native_or_ref, backend, act, sigma_kind, lay
         torch.testing.assert_close(rf[2], g * dt, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("sigma_kind", ["scalar", "channel"])
+@pytest.mark.parametrize("dt", [1e-70, 0.3, 1.0])
+def test_cpu_learnable_sigma_backward_equals_custom_op(cpu_backend, monkeypatch, dtype, layout,
+                                                       sigma_kind, dt):
+    """An int seed on the CPU takes the learnable-sigma backward's one-call path
+    (CpuBackend.cd_step_sigma_grad; dt = 1e-70, sqrt(dt) < 1e-30, falls back): its sigma
+    gradient equals the custom op's bit for bit, for an incoming gradient in y's layout or not."""
+    x, f = (t.to(dtype) for t in _data((2, 3, 5, 6)))
+    if layout == "channels_last":
+        x, f = (t.contiguous(memory_format=torch.channels_last) for t in (x, f))
+    sigma = {"scalar": torch.tensor(0.7), "channel": torch.tensor([0.2, 0.9, 1.5])}[sigma_kind]
+    taken = []
+    lean = type(cpu_backend).cd_step_sigma_grad
+    monkeypatch.setattr(type(cpu_backend), "cd_step_sigma_grad",
+                        lambda self, *a: taken.append(lean(self, *a)) or taken[-1])
+    for g in (torch.randn(2, 3, 5, 6).to(dtype), None):
+        grads = []
+        for path in ("fast", "op"):
+            s = sigma.clone().requires_grad_()
+            y = (cdkernels.cd_step(x, f, dt, s, seed=987654321, backend="cpu") if path == "fast"
+                 else OP(x, f, dt, 0.0, s, torch.tensor([987654321]), 0, "none", "cpu"))
+            y.backward(g) if g is not None else y.sum().backward()
+            grads.append(s.grad)
+        assert torch.equal(grads[0], grads[1])
+        assert grads[0].abs().sum() > 0 or dt == 1e-70
+    assert len(taken) == 2 and all((t is None) == (dt == 1e-70) for t in taken)
+
+
 @pytest.fixture
 def native_or_ref():
     def check(name):
