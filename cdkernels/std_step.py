@@ -95,7 +95,8 @@ def _std_bwd(grad_y, x, f, dt, coef, seed, stats, be, need_xf, need_coef, y=None
     xd, fd = _dense_pair(x, f)
     g = C.like(C.dense_input(grad_y), xd)
     if _one_call(be, x):
-        return _std_bwd_one_call(g, xd, fd, y, dt, coef, seed, stats, be, need_xf, need_coef)
+        mean, sd = stats.tolist()
+        return _std_bwd_one_call(g, xd, fd, y, dt, coef, seed, mean, sd, be, need_xf, need_coef)
     if x.is_cpu:
         return _std_bwd_host(g, xd, fd, dt, coef, seed, stats, be, need_xf, need_coef)
     sig = _sigma_eff(coef, stats, dt, x.dtype)
@@ -139,12 +140,11 @@ def _std_bwd_host(g, xd, fd, dt, coef, seed, stats, be, need_xf, need_coef):
     return gx, gf, grad_coef
 
 
-def _std_bwd_one_call(g, xd, fd, y, dt, coef, seed, stats, be, need_xf, need_coef):
+def _std_bwd_one_call(g, xd, fd, y, dt, coef, seed, mean, sd, be, need_xf, need_coef):
     """_std_bwd on a backend with std_step_bwd (one call: sum g eps, then the elementwise pass;
-    grad_f is grad_x itself when dt == 1)."""
+    grad_f is grad_x itself when dt == 1); g laid out like xd."""
     c = C.sigma_for_kernel(coef, xd.dtype)
     ch, cs = C.channel_map(xd, c)
-    mean, sd = stats.tolist()
     if y is not None and (y.dtype != xd.dtype or y.shape != xd.shape
                           or y.stride() != xd.stride()):
         y = None  # (not the forward's output layout: regenerate eps)
@@ -179,10 +179,14 @@ def _(x, f, dt, coef, seed, backend):
 def cd_std_step_backward_op(grad_y: Tensor, x: Tensor, f: Tensor, y: Optional[Tensor], dt: float,
                             coef: Tensor, seed: Tensor, stats: Tensor, backend: str,
                             need_xf: bool, need_coef: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(grad_x, grad_f, grad_coef); grad_f is empty when dt == 1 (it is grad_x: a custom op's
+    outputs may not alias each other, and a copy would cost a pass), unneeded ones empty."""
     gx, gf, gc = _std_bwd(grad_y, x, f, dt, coef, seed, stats,
                           get_backend(x.device, x.dtype, backend or None), need_xf, need_coef, y)
     e = x.new_empty(0)
     gdt = torch.float64 if x.dtype == torch.float64 else torch.float32
+    if dt == 1.0:
+        gf = None
     return (e if gx is None else gx, e.clone() if gf is None else gf,
             x.new_empty(0, dtype=gdt) if gc is None else gc)
 
@@ -191,7 +195,7 @@ def cd_std_step_backward_op(grad_y: Tensor, x: Tensor, f: Tensor, y: Optional[Te
 def _(grad_y, x, f, y, dt, coef, seed, stats, backend, need_xf, need_coef):
     gdt = torch.float64 if x.dtype == torch.float64 else torch.float32
     return (torch.empty_like(x) if need_xf else x.new_empty(0),
-            torch.empty_like(x) if need_xf else x.new_empty(0),
+            torch.empty_like(x) if need_xf and dt != 1.0 else x.new_empty(0),
             x.new_empty(coef.numel() if need_coef else 0, dtype=gdt))
 
 
@@ -209,6 +213,8 @@ def _backward(ctx, grad_y, _grad_stats):
     need_coef = ctx.needs_input_grad[3]
     gx, gf, gc = cd_std_step_backward_op(grad_y, x, f, y, ctx.dt, coef, seed, stats,
                                          ctx.backend, need_xf, need_coef)
+    if ctx.dt == 1.0:
+        gf = gx  # (the op returns it once)
     return (gx if ctx.needs_input_grad[0] else None, gf if ctx.needs_input_grad[1] else None,
             None, _coef_grad(gc, coef) if need_coef else None, None, None)
 
@@ -241,6 +247,39 @@ class _StdStepFn(torch.autograd.Function):
 _STD_APPLY = raw_apply(_StdStepFn)
 
 
+class _StdStepCpuFn(torch.autograd.Function):
+    """_StdStepFn for the CPU backend's one-call step with an int or drawn seed: the seed and
+    the moments travel as Python numbers (a CPU seed buffer is reused by later calls), four
+    saved tensors, the incoming gradient relaid only when its strides differ: at 8x8 inputs the
+    host steps of the std step cost as much as its kernels."""
+
+    @staticmethod
+    def forward(ctx, x, f, coef, meta):
+        dt, seed, seed_int, be = meta
+        y, stats = _std_fwd(x, f, dt, coef, seed, be)
+        ctx.dt, ctx.be, ctx.seed_int = dt, be, seed_int
+        ctx.stats = stats.tolist()
+        ctx.save_for_backward(x, f, coef, y)
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x, f, coef, y = ctx.saved_tensors
+        need_x, need_f, need_coef = ctx.needs_input_grad[:3]
+        xd, fd = _dense_pair(x, f)
+        if y.stride() != xd.stride():
+            y = None  # (not dense like xd: regenerate eps)
+        gx, gf, gc = _std_bwd_one_call(C.with_strides(grad_y, xd.stride()), xd, fd, y, ctx.dt,
+                                       coef, C.cpu_seed_buffer_signed(ctx.seed_int),
+                                       ctx.stats[0], ctx.stats[1], ctx.be, need_x or need_f,
+                                       need_coef)
+        return (gx if need_x else None, gf if need_f else None,
+                _coef_grad(gc, coef) if need_coef else None, None)
+
+
+_STD_CPU_APPLY = raw_apply(_StdStepCpuFn)
+
+
 def cd_std_step(x: Tensor, f: Tensor, dt: float, coef: Union[float, Tensor], *,
                 seed: Union[None, int, Tensor] = None, backend: Optional[str] = None) -> Tensor:
     """``x + dt*f + coef * std(x + dt*f) * eps``, eps ~ N(0, I) from cd_step's stream.
@@ -268,11 +307,17 @@ def cd_std_step(x: Tensor, f: Tensor, dt: float, coef: Union[float, Tensor], *,
     if backend is not None:
         from .backends import _check_name
         _check_name(backend)
-    seed_t = C.make_seed(seed, x.device)
     if _eager_ok(x, f) and type(coef_t) in _PLAIN:
         be = get_backend(x.device, x.dtype, backend)
-        if torch.is_grad_enabled() and (x.requires_grad or f.requires_grad
-                                        or coef_t.requires_grad):
+        grad = torch.is_grad_enabled() and (x.requires_grad or f.requires_grad
+                                            or coef_t.requires_grad)
+        if x.is_cpu and not isinstance(seed, torch.Tensor) and _one_call(be, x):
+            seed_t = C.cpu_seed_buffer(seed)  # (make_seed's value, no allocation)
+            if grad:
+                return _STD_CPU_APPLY(x, f, coef_t, (dt, seed_t, seed_t.item(), be))
+            return _std_fwd(x, f, dt, coef_t, seed_t, be)[0]
+        seed_t = C.make_seed(seed, x.device)
+        if grad:
             return _STD_APPLY(x, f, coef_t, (dt, seed_t, be))
         return _std_fwd(x, f, dt, coef_t, seed_t, be)[0]
-    return cd_std_step_op(x, f, dt, coef_t, seed_t, backend or "")[0]
+    return cd_std_step_op(x, f, dt, coef_t, C.make_seed(seed, x.device), backend or "")[0]

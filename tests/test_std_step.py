@@ -132,6 +132,40 @@ def test_fast_path_equals_custom_op():
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+@pytest.mark.parametrize("dt", [0.1, 1.0])
+def test_cpu_int_seed_path_equals_custom_op(cpu_backend, monkeypatch, dtype, layout, dt):
+    """An int or drawn seed on the CPU takes _StdStepCpuFn (seed and moments as Python numbers):
+    y and every gradient equal the custom op's bit for bit, for a gradient in y's layout or
+    an expanded one (y.sum())."""
+    import cdkernels.std_step as S
+    calls = []
+    fwd = S._StdStepCpuFn.forward
+    monkeypatch.setattr(S._StdStepCpuFn, "forward",
+                        staticmethod(lambda *a: calls.append(1) or fwd(*a)))
+    S._STD_CPU_APPLY = S.raw_apply(S._StdStepCpuFn)
+    try:
+        x, f = (t.to(dtype) for t in _inputs((2, 3, 4, 5), seed=12))
+        if layout == "channels_last":
+            x, f = (t.contiguous(memory_format=torch.channels_last) for t in (x, f))
+        for g in (torch.randn(2, 3, 4, 5).to(dtype), None):
+            outs = []
+            for path in ("fast", "op"):
+                xs, fs = (t.clone().requires_grad_() for t in (x, f))
+                cs = torch.tensor([0.3, 0.6, 0.9], requires_grad=True)
+                y = (cdkernels.cd_std_step(xs, fs, dt, cs, seed=4242, backend="cpu")
+                     if path == "fast" else OP(xs, fs, dt, cs, torch.tensor([4242]), "cpu")[0])
+                y.backward(g) if g is not None else y.sum().backward()
+                outs.append((y.detach(), xs.grad, fs.grad, cs.grad))
+            for a, b in zip(*outs):
+                assert a.stride() == b.stride() and torch.equal(a, b)
+    finally:
+        monkeypatch.undo()
+        S._STD_CPU_APPLY = S.raw_apply(S._StdStepCpuFn)
+    assert len(calls) == 2
+
+
 def test_opcheck_and_compile():
     x, f = _inputs((2, 3, 4, 4), seed=6)
     coef = torch.tensor([0.3, 0.6, 0.9], requires_grad=True)
@@ -139,6 +173,26 @@ def test_opcheck_and_compile():
     torch._dynamo.reset()
     fn = lambda a, b, c: cdkernels.cd_std_step(a, b, 0.1, c, seed=9)  # noqa: E731
     torch.testing.assert_close(torch.compile(fn, fullgraph=True)(x, f, coef), fn(x, f, coef))
+
+
+def test_compiled_backward_at_dt_1():
+    """dt = 1 (the models' default), where grad_f is grad_x itself: the custom backward op
+    returns it once (op outputs may not alias). It used to return the same tensor twice on the
+    CPU, which torch.library refuses, so a compiled std model failed in its backward."""
+    x, f = _inputs((2, 3, 4, 4), seed=16)
+    c = torch.tensor([0.3, 0.6, 0.9])
+    torch.library.opcheck(OP, (x.clone().requires_grad_(), f, 1.0, c.clone().requires_grad_(),
+                               torch.tensor([3]), ""))
+    torch._dynamo.reset()
+    fn = lambda a, b, k: cdkernels.cd_std_step(a, b, 1.0, k, seed=21)  # noqa: E731
+    grads = []
+    for run in (torch.compile(fn, fullgraph=True), fn):
+        xs, fs, cs = (t.clone().requires_grad_() for t in (x, f, c))
+        (run(xs, fs, cs) * torch.arange(96.0).reshape(2, 3, 4, 4)).sum().backward()
+        grads.append((xs.grad, fs.grad, cs.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, **TOL[torch.float32])
+    torch.testing.assert_close(grads[0][0], grads[0][1], rtol=0, atol=0)
 
 
 def test_same_noise_as_cd_step_and_std_noise_step_module():
