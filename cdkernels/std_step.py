@@ -110,8 +110,10 @@ def _std_bwd(grad_y, x, f, dt, coef, seed, stats, be, need_xf, need_coef, y=None
         gstd = (gs.to(torch.float64) * coef.detach().reshape(-1).to(torch.float64)).sum() * inv
         a = gstd / ((n - 1) * sd)
         coefs = torch.stack([stats[0], a, torch.zeros_like(a)])
-        gx, gf = torch.empty_like(xd), torch.empty_like(xd)
-        be.z_std_bwd(_flat(xd), _flat(fd), _flat(g), dt, coefs, _flat(gx), _flat(gf))
+        gx = torch.empty_like(xd)
+        gf = gx if dt == 1.0 else torch.empty_like(xd)  # (grad_f = dt*grad_x: one write)
+        be.z_std_bwd(_flat(xd), _flat(fd), _flat(g), dt, coefs, _flat(gx),
+                     None if gf is gx else _flat(gf))
     return gx, gf, grad_coef
 
 
