@@ -166,6 +166,24 @@ def test_cpu_int_seed_path_equals_custom_op(cpu_backend, monkeypatch, dtype, lay
     assert len(calls) == 2
 
 
+def test_backward_uses_its_forward_seed_after_other_calls():
+    """The CPU seed buffer is reused by later calls; the backward must still use its own
+    forward's noise (drawn with torch.manual_seed, or given as an int)."""
+    x, f = _inputs((3, 4, 6, 6), seed=30)
+    for seed in (None, 777):
+        grads = []
+        for other_calls in (True, False):
+            torch.manual_seed(5)
+            c = torch.tensor([0.2, 0.4, 0.6, 0.8], requires_grad=True)
+            y = cdkernels.cd_std_step(x, f, 1.0, c, seed=seed)
+            if other_calls:
+                for s in (None, 99, None):
+                    cdkernels.cd_std_step(x, f, 1.0, c, seed=s)
+            (y * torch.linspace(-1, 1, y.numel()).reshape(y.shape)).sum().backward()
+            grads.append(c.grad)
+        assert torch.equal(grads[0], grads[1]) and grads[0].abs().sum() > 0
+
+
 def test_opcheck_and_compile():
     x, f = _inputs((2, 3, 4, 4), seed=6)
     coef = torch.tensor([0.3, 0.6, 0.9], requires_grad=True)
