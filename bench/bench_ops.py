@@ -174,6 +174,13 @@ def eager_step(x, f):
     return x + DT * f + (SIGMA * SQDT) * torch.randn_like(x)
 
 
+def eager_std_step(x, f, coef):
+    # EnResNet's noise: scaled by the std of the block output, its gradient kept
+    z = x + DT * f
+    return z + coef.reshape((1, -1) + (1,) * (x.dim() - 2)) * z.float().std().to(z.dtype) \
+        * torch.randn_like(z)
+
+
 def eager_smooth(x, K):
     # the K noisy copies materialised at once, as a naive Monte-Carlo estimate does
     xs = x.unsqueeze(0) + SIGMA * torch.randn((K,) + x.shape, device=x.device, dtype=x.dtype)
@@ -288,6 +295,16 @@ def run(args):
                 impls["torch.compile"] = comp_fb
             # fwd: x, f -> y; bwd: g, y -> grad_x, grad_f
             group("cd_step fwd+bwd", shape, dtype, impls, 7 * nbytes, copy_s, 7 * nbytes)
+            # the std step (EnResNet), forward + backward, learnable per-channel coef
+            impls = {"eager": lambda: (clear(), eager_std_step(xr, fr, sig).backward(g))}
+            for b in names:
+                impls[f"cdkernels[{b}]"] = lambda b=b: (
+                    clear(), cdkernels.cd_std_step(xr, fr, DT, sig, backend=b).backward(g))
+            if compile_ok:
+                cstd = torch.compile(eager_std_step)
+                impls["torch.compile"] = lambda: (clear(), cstd(xr, fr, sig).backward(g))
+            # at least: fwd x, f -> y; bwd g, x, f -> grad_x (grad_f = dt*grad_x)
+            group("cd_std_step fwd+bwd", shape, dtype, impls, 7 * nbytes, copy_s, 7 * nbytes)
 
     for shape in args.smooth_shapes:
         dtype, K = torch.float32, args.samples
