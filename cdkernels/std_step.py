@@ -268,6 +268,11 @@ class _StdStepCpuFn(torch.autograd.Function):
     def backward(ctx, grad_y):
         x, f, coef, y = ctx.saved_tensors
         need_x, need_f, need_coef = ctx.needs_input_grad[:3]
+        if x.numel() == 0:  # (zero gradients: _std_bwd's empty case)
+            gx, gf, gc = _std_bwd(grad_y, x, f, ctx.dt, coef, None, None, ctx.be,
+                                  need_x or need_f, need_coef)
+            return (gx if need_x else None, gf if need_f else None,
+                    _coef_grad(gc, coef) if need_coef else None, None)
         xd, fd = _dense_pair(x, f)
         if y.stride() != xd.stride():
             y = None  # (not dense like xd: regenerate eps)

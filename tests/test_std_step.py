@@ -340,6 +340,19 @@ def test_cpu_backward_after_y_changed_in_place_raises(cpu_backend):
         y.sum().backward()
 
 
+@pytest.mark.parametrize("seed", [3, "tensor"])
+def test_empty_tensor_gives_zero_gradients(seed):
+    """numel 0: an empty y and zero gradients (the loss does not depend on coef), on the CPU
+    int-seed path and the generic one, not the nan of an empty tensor's std."""
+    x = torch.randn(0, 3, 4, 4, requires_grad=True)
+    f = torch.randn(0, 3, 4, 4, requires_grad=True)
+    c = torch.tensor([0.1, 0.2, 0.3], requires_grad=True)
+    y = cdkernels.cd_std_step(x, f, 1.0, c, seed=torch.tensor([3]) if seed == "tensor" else seed)
+    assert y.shape == x.shape
+    y.sum().backward()
+    assert torch.equal(c.grad, torch.zeros(3)) and x.grad.shape == x.shape
+
+
 def test_bad_input():
     x, f = _inputs((2, 3))
     with pytest.raises(ValueError, match="dt"):
