@@ -77,6 +77,21 @@ void fill_sigma(PointArgs& a, uintptr_t sigma_ptr, double sigma_value, int64_t C
   a.chan_stride = chan_stride;
 }
 
+// The arguments both std_step entries share: dtype, dt (> 0) and sqrt(dt), coef as the
+// per-channel sigma array (the entries turn it into sigma), seed and offset.
+PointArgs std_step_args(int dtype, double dt, uintptr_t coef, int64_t C, int64_t chan_stride,
+                        uintptr_t seed, uint64_t offset) {
+  PointArgs a;
+  a.dtype = check_dtype(dtype);
+  if (!(dt > 0.0)) throw std::invalid_argument("cdkernels._C: std_step needs dt > 0");
+  a.dt = (float)dt;
+  a.sqrt_dt = (float)std::sqrt(dt);
+  fill_sigma(a, coef, 0.0, C, chan_stride);
+  a.seed = read_seed(seed);
+  a.offset = offset;
+  return a;
+}
+
 const char* compiler_string() {
 #if defined(__clang__)
   return "clang " __clang_version__;
@@ -310,15 +325,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("std_step_fwd", [](uintptr_t x, uintptr_t f, uintptr_t y, int64_t n, int dtype,
                            double dt, uintptr_t coef, int64_t C, int64_t chan_stride,
                            uintptr_t seed, uint64_t offset, uintptr_t stats, int nthreads) {
-        PointArgs a;
-        a.dtype = check_dtype(dtype);
-        if (!(dt > 0.0)) throw std::invalid_argument("cdkernels._C: std_step needs dt > 0");
+        PointArgs a = std_step_args(dtype, dt, coef, C, chan_stride, seed, offset);
         a.x = ptr<const void>(x); a.f = ptr<const void>(f); a.y = ptr<void>(y);
-        a.dt = (float)dt;
-        a.sqrt_dt = (float)std::sqrt(dt);
-        fill_sigma(a, coef, 0.0, C, chan_stride);
-        a.seed = read_seed(seed);
-        a.offset = offset;
         py::gil_scoped_release nogil;
         std_step_fwd(a, n, dt, ptr<const float>(coef), ptr<double>(stats), nthreads);
       }, py::arg("x"), py::arg("f"), py::arg("y"), py::arg("n"), py::arg("dtype"), py::arg("dt"),
@@ -331,20 +339,13 @@ PYBIND11_MODULE(_C, m) {
                            int dtype, double dt, uintptr_t coef, int64_t C, int64_t chan_stride,
                            uintptr_t seed, uint64_t offset, double mean, double sd,
                            int nthreads) {
-        PointArgs a;
-        a.dtype = check_dtype(dtype);
-        if (!(dt > 0.0)) throw std::invalid_argument("cdkernels._C: std_step needs dt > 0");
+        PointArgs a = std_step_args(dtype, dt, coef, C, chan_stride, seed, offset);
         if (n > 0 && !grad_x && !grad_coef)
           throw std::invalid_argument("cdkernels._C: std_step_bwd with no output");
         a.gy = ptr<const void>(grad_y); a.yv = y ? ptr<const void>(y) : nullptr;
         a.x = ptr<const void>(x); a.f = ptr<const void>(f);
         a.gx = grad_x ? ptr<void>(grad_x) : nullptr;
         a.gf = grad_f ? ptr<void>(grad_f) : nullptr;
-        a.dt = (float)dt;
-        a.sqrt_dt = (float)std::sqrt(dt);
-        fill_sigma(a, coef, 0.0, C, chan_stride);
-        a.seed = read_seed(seed);
-        a.offset = offset;
         py::gil_scoped_release nogil;
         std_step_bwd(a, n, dt, ptr<const float>(coef), mean, sd,
                      grad_coef ? ptr<float>(grad_coef) : nullptr, grad_x != 0, nthreads);
