@@ -93,7 +93,7 @@ def _std_bwd(grad_y, x, f, dt, coef, seed, stats, be, need_xf, need_coef, y=None
                 torch.zeros(coef.numel(), dtype=torch.float32, device=x.device)
                 if need_coef else None)
     xd, fd = _dense_pair(x, f)
-    g = C.like(C.dense_input(grad_y), xd)
+    g = C.with_strides(grad_y, xd.stride())
     if _one_call(be, x):
         mean, sd = stats.tolist()
         return _std_bwd_one_call(g, xd, fd, y, dt, coef, seed, mean, sd, be, need_xf, need_coef)
@@ -229,10 +229,12 @@ cd_std_step_op.register_autograd(_backward, setup_context=_setup_context)
 class _StdStepFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, f, coef, meta):
-        dt, seed, be = meta
+        dt, seed, seed_int, be = meta
         y, stats = _std_fwd(x, f, dt, coef, seed, be)
-        ctx.dt, ctx.be = dt, be
-        ctx.save_for_backward(x, f, coef, seed, stats, y)  # (y: as _setup_context)
+        ctx.dt, ctx.be, ctx.seed_int = dt, be, seed_int
+        # y: as _setup_context; a CPU seed buffer is reused by the next call: keep its value
+        # (seed_int) instead, as cd_step does
+        ctx.save_for_backward(x, f, coef, seed if seed_int is None else None, stats, y)
         return y
 
     @staticmethod
@@ -240,6 +242,8 @@ class _StdStepFn(torch.autograd.Function):
         x, f, coef, seed, stats, y = ctx.saved_tensors
         need_xf = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         need_coef = ctx.needs_input_grad[2]
+        if seed is None:
+            seed = C.cpu_seed_buffer_signed(ctx.seed_int)
         gx, gf, gc = _std_bwd(grad_y, x, f, ctx.dt, coef, seed, stats, ctx.be, need_xf,
                               need_coef, y)
         return (gx if ctx.needs_input_grad[0] else None, gf if ctx.needs_input_grad[1] else None,
@@ -247,44 +251,6 @@ class _StdStepFn(torch.autograd.Function):
 
 
 _STD_APPLY = raw_apply(_StdStepFn)
-
-
-class _StdStepCpuFn(torch.autograd.Function):
-    """_StdStepFn for the CPU backend's one-call step with an int or drawn seed: the seed and
-    the moments travel as Python numbers (a CPU seed buffer is reused by later calls), four
-    saved tensors, the incoming gradient relaid only when its strides differ: at 8x8 inputs the
-    host steps of the std step cost as much as its kernels."""
-
-    @staticmethod
-    def forward(ctx, x, f, coef, meta):
-        dt, seed, seed_int, be = meta
-        y, stats = _std_fwd(x, f, dt, coef, seed, be)
-        ctx.dt, ctx.be, ctx.seed_int = dt, be, seed_int
-        ctx.stats = stats.tolist()
-        ctx.save_for_backward(x, f, coef, y)
-        return y
-
-    @staticmethod
-    def backward(ctx, grad_y):
-        x, f, coef, y = ctx.saved_tensors
-        need_x, need_f, need_coef = ctx.needs_input_grad[:3]
-        if x.numel() == 0:  # (zero gradients: _std_bwd's empty case)
-            gx, gf, gc = _std_bwd(grad_y, x, f, ctx.dt, coef, None, None, ctx.be,
-                                  need_x or need_f, need_coef)
-            return (gx if need_x else None, gf if need_f else None,
-                    _coef_grad(gc, coef) if need_coef else None, None)
-        xd, fd = _dense_pair(x, f)
-        if y.stride() != xd.stride():
-            y = None  # (not dense like xd: regenerate eps)
-        gx, gf, gc = _std_bwd_one_call(C.with_strides(grad_y, xd.stride()), xd, fd, y, ctx.dt,
-                                       coef, C.cpu_seed_buffer_signed(ctx.seed_int),
-                                       ctx.stats[0], ctx.stats[1], ctx.be, need_x or need_f,
-                                       need_coef)
-        return (gx if need_x else None, gf if need_f else None,
-                _coef_grad(gc, coef) if need_coef else None, None)
-
-
-_STD_CPU_APPLY = raw_apply(_StdStepCpuFn)
 
 
 def cd_std_step(x: Tensor, f: Tensor, dt: float, coef: Union[float, Tensor], *,
@@ -318,13 +284,14 @@ def cd_std_step(x: Tensor, f: Tensor, dt: float, coef: Union[float, Tensor], *,
         be = get_backend(x.device, x.dtype, backend)
         grad = torch.is_grad_enabled() and (x.requires_grad or f.requires_grad
                                             or coef_t.requires_grad)
-        if x.is_cpu and not isinstance(seed, torch.Tensor) and _one_call(be, x):
+        seed_int = None
+        if x.is_cpu and not isinstance(seed, torch.Tensor):  # (as cd_step's eager path)
             seed_t = C.cpu_seed_buffer(seed)  # (make_seed's value, no allocation)
             if grad:
-                return _STD_CPU_APPLY(x, f, coef_t, (dt, seed_t, seed_t.item(), be))
-            return _std_fwd(x, f, dt, coef_t, seed_t, be)[0]
-        seed_t = C.make_seed(seed, x.device)
+                seed_int = seed_t.item()
+        else:
+            seed_t = C.make_seed(seed, x.device)
         if grad:
-            return _STD_APPLY(x, f, coef_t, (dt, seed_t, be))
+            return _STD_APPLY(x, f, coef_t, (dt, seed_t, seed_int, be))
         return _std_fwd(x, f, dt, coef_t, seed_t, be)[0]
     return cd_std_step_op(x, f, dt, coef_t, C.make_seed(seed, x.device), backend or "")[0]

@@ -136,34 +136,28 @@ def test_fast_path_equals_custom_op():
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
 @pytest.mark.parametrize("dt", [0.1, 1.0])
 def test_cpu_int_seed_path_equals_custom_op(cpu_backend, monkeypatch, dtype, layout, dt):
-    """An int or drawn seed on the CPU takes _StdStepCpuFn (seed and moments as Python numbers):
-    y and every gradient equal the custom op's bit for bit, for a gradient in y's layout or
-    an expanded one (y.sum())."""
+    """An int or drawn seed on the CPU keeps the seed's value, not its buffer (reused by later
+    calls), and replays it through the seed buffer in backward: y and every gradient equal the
+    custom op's bit for bit, for a gradient in y's layout or an expanded one (y.sum())."""
     import cdkernels.std_step as S
     calls = []
-    fwd = S._StdStepCpuFn.forward
-    monkeypatch.setattr(S._StdStepCpuFn, "forward",
-                        staticmethod(lambda *a: calls.append(1) or fwd(*a)))
-    S._STD_CPU_APPLY = S.raw_apply(S._StdStepCpuFn)
-    try:
-        x, f = (t.to(dtype) for t in _inputs((2, 3, 4, 5), seed=12))
-        if layout == "channels_last":
-            x, f = (t.contiguous(memory_format=torch.channels_last) for t in (x, f))
-        for g in (torch.randn(2, 3, 4, 5).to(dtype), None):
-            outs = []
-            for path in ("fast", "op"):
-                xs, fs = (t.clone().requires_grad_() for t in (x, f))
-                cs = torch.tensor([0.3, 0.6, 0.9], requires_grad=True)
-                y = (cdkernels.cd_std_step(xs, fs, dt, cs, seed=4242, backend="cpu")
-                     if path == "fast" else OP(xs, fs, dt, cs, torch.tensor([4242]), "cpu")[0])
-                y.backward(g) if g is not None else y.sum().backward()
-                outs.append((y.detach(), xs.grad, fs.grad, cs.grad))
-            for a, b in zip(*outs):
-                assert a.stride() == b.stride() and torch.equal(a, b)
-    finally:
-        monkeypatch.undo()
-        S._STD_CPU_APPLY = S.raw_apply(S._StdStepCpuFn)
-    assert len(calls) == 2
+    replay = S.C.cpu_seed_buffer_signed
+    monkeypatch.setattr(S.C, "cpu_seed_buffer_signed", lambda v: calls.append(v) or replay(v))
+    x, f = (t.to(dtype) for t in _inputs((2, 3, 4, 5), seed=12))
+    if layout == "channels_last":
+        x, f = (t.contiguous(memory_format=torch.channels_last) for t in (x, f))
+    for g in (torch.randn(2, 3, 4, 5).to(dtype), None):
+        outs = []
+        for path in ("fast", "op"):
+            xs, fs = (t.clone().requires_grad_() for t in (x, f))
+            cs = torch.tensor([0.3, 0.6, 0.9], requires_grad=True)
+            y = (cdkernels.cd_std_step(xs, fs, dt, cs, seed=4242, backend="cpu")
+                 if path == "fast" else OP(xs, fs, dt, cs, torch.tensor([4242]), "cpu")[0])
+            y.backward(g) if g is not None else y.sum().backward()
+            outs.append((y.detach(), xs.grad, fs.grad, cs.grad))
+        for a, b in zip(*outs):
+            assert a.stride() == b.stride() and torch.equal(a, b)
+    assert calls == [4242, 4242]
 
 
 def test_backward_uses_its_forward_seed_after_other_calls():
