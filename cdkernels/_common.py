@@ -87,11 +87,7 @@ def is_dense(t: Tensor) -> bool:
 
 def like(t: Tensor, ref: Tensor) -> Tensor:
     """t with ref's strides (a copy only when they differ); ref must be dense."""
-    if t.stride() == ref.stride() or t.numel() <= 1:
-        return t
-    out = torch.empty_like(ref, dtype=t.dtype)
-    out.copy_(t)
-    return out
+    return with_strides(t, ref.stride())
 
 
 def with_strides(t: Tensor, stride) -> Tensor:
@@ -106,7 +102,7 @@ def with_strides(t: Tensor, stride) -> Tensor:
 
 def dense_input(x: Tensor) -> Tensor:
     """x itself when dense, else a copy laid out like ``torch.empty_like(x)``."""
-    if is_dense(x):
+    if x.is_contiguous() or is_dense(x):  # (is_contiguous: one C call, the common case)
         return x
     out = torch.empty_like(x)
     out.copy_(x)
@@ -179,9 +175,7 @@ def cpu_seed_buffer(seed: Union[None, int]) -> Tensor:
     allocating a tensor (allocation is most of make_seed's host time). CPU kernels read the seed
     from memory when they are called, so the buffer may be refilled by the next call; callers
     that need the seed later (backward) keep ``int(buf)`` instead."""
-    buf = getattr(_seed_local, "buf", None)
-    if buf is None:
-        buf = _seed_local.buf = torch.empty((1,), dtype=torch.int64)
+    buf = _seed_buffer()
     if seed is None:
         return draw_seed_(buf)
     if isinstance(seed, bool) or not isinstance(seed, int):
@@ -195,10 +189,15 @@ def cpu_seed_buffer(seed: Union[None, int]) -> Tensor:
 def cpu_seed_buffer_signed(value: int) -> Tensor:
     """cpu_seed_buffer holding a seed already known as its signed int64 value (a backward
     replaying its forward's seed; no range checks, no draw)."""
+    return _seed_buffer().fill_(value)
+
+
+def _seed_buffer() -> Tensor:
+    """This thread's reusable int64 [1] CPU seed tensor."""
     buf = getattr(_seed_local, "buf", None)
     if buf is None:
         buf = _seed_local.buf = torch.empty((1,), dtype=torch.int64)
-    return buf.fill_(value)
+    return buf
 
 
 def make_seed(seed: Union[None, int, Tensor], device: torch.device) -> Tensor:

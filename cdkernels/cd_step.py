@@ -56,8 +56,10 @@ def _run_bwd(grad_y, y, dt, sigma_value, sigma, seed, offset, activation, be, ne
     gdt = torch.float64 if grad_y.dtype == torch.float64 else torch.float32
     if grad_y.numel() == 0:
         return grad_x, grad_f, grad_y.new_zeros(ch if need_sigma else 0, dtype=gdt)
-    args = (C.flat(g), None if y is None else C.flat(y),
-            C.flat(grad_x) if need_inputs else None, C.flat(grad_f) if need_inputs else None)
+    # dense tensors as they are for a backend that reads data_ptr/numel only (as _run_fwd)
+    fl = (lambda t: t) if be.accepts_contiguous_nd and g.is_contiguous() else C.flat
+    args = (fl(g), None if y is None else fl(y),
+            fl(grad_x) if need_inputs else None, fl(grad_f) if need_inputs else None)
     rest = (dt, C.sigma_for_kernel(sigma, grad_y.dtype), sigma_value, ch, cs, seed, offset,
             activation)
     if need_sigma:
@@ -214,12 +216,12 @@ class _CDStepFn(torch.autograd.Function):
             lean = getattr(ctx.be, "cd_step_sigma_grad", None)
             if lean is not None and seed is None:
                 # the learnable-sigma training case on the CPU: one kernel call, few host steps
-                gs = lean(grad_y, sigma, ctx.y_stride, ctx.seed_int, ctx.dt)
+                gs = lean(grad_y, sigma, ctx.seed_int, ctx.dt)
                 if gs is not None:
                     return (grad_x, grad_f, _sigma_grad(gs, ctx.sigma_shape, ctx.sigma_dtype),
                             None)
-        if seed is None:
-            seed = torch.full((1,), ctx.seed_int, dtype=torch.int64)
+        if seed is None:  # (a CPU call: its seed's value into this thread's seed buffer)
+            seed = C.cpu_seed_buffer_signed(ctx.seed_int)
         gx, gf, gs = _run_bwd(grad_y, y, ctx.dt, ctx.sigma_value, sigma, seed, 0, ctx.act,
                               ctx.be, need_x or need_f, need_sigma)
         return (gx if need_x else grad_x, gf if need_f else grad_f,

@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .._common import cpu_seed_buffer_signed
+from .._common import channel_map, cpu_seed_buffer_signed, sigma_for_kernel
 from .base import Backend, Tensor
 
 try:
@@ -130,19 +130,16 @@ class CpuBackend(Backend):
                        gs_scale=math.sqrt(dt))
         return gs
 
-    def cd_step_sigma_grad(self, grad_y, sigma, y_stride, seed_value, dt):
-        """cd_step's float32 [C] sigma gradient (times sqrt(dt)) for act='none' from a dense
-        grad_y laid out like y and the seed's value: cd_step_bwd_sigma's result with the host
-        steps of a training backward cut to one kernel call (the seed is written into this
-        thread's seed buffer: the kernel reads it on entry). None where that path does not
-        apply (the caller then runs cd_step_bwd_sigma)."""
+    def cd_step_sigma_grad(self, grad_y, sigma, seed_value, dt):
+        """cd_step_bwd_sigma's result for act='none' from a dense grad_y laid out like y and
+        the seed's value, with the host steps of a training backward cut to one kernel call
+        (no layout work, no empty grad_x/grad_f; the seed goes into this thread's seed buffer,
+        which the kernel reads on entry). None where that path does not apply (the caller
+        then runs cd_step_bwd_sigma)."""
         if grad_y.dtype not in _DTYPE_CODES or not math.sqrt(dt) > 1e-30:
             return None  # (a zero scale means "add into" to the kernel)
-        sig = sigma.detach()
-        if sig.dtype != torch.float32 or not sig.is_contiguous():
-            sig = sig.reshape(-1).to(torch.float32).contiguous()
-        n_c = sig.numel()
-        cs = 1 if n_c == 1 else max(int(y_stride[1]), 1)
+        sig = sigma_for_kernel(sigma, grad_y.dtype)
+        n_c, cs = channel_map(grad_y, sig)
         gs = torch.empty(n_c, dtype=torch.float32)
         seed = cpu_seed_buffer_signed(seed_value)
         _C.cd_step_bwd(grad_y.data_ptr(), 0, 0, 0, gs.data_ptr(), grad_y.numel(),
