@@ -347,6 +347,24 @@ def test_empty_tensor_gives_zero_gradients(seed):
     assert torch.equal(c.grad, torch.zeros(3)) and x.grad.shape == x.shape
 
 
+def test_cpu_entries_refuse_bad_arguments(cpu_backend):
+    """The compiled std_step entries check what Python would also catch: dt > 0, a known dtype
+    code, and a backward with something to compute."""
+    import cdkernels._C as K
+    x = torch.randn(8)
+    c, st, seed = torch.tensor([0.3]), torch.empty(2, dtype=torch.float64), torch.tensor([1])
+    p = x.data_ptr()
+    with pytest.raises(ValueError, match="dt > 0"):
+        K.std_step_fwd(p, p, p, 8, 0, 0.0, c.data_ptr(), 1, 1, seed.data_ptr(), 0,
+                       st.data_ptr(), 1)
+    with pytest.raises(ValueError, match="dtype code"):
+        K.std_step_fwd(p, p, p, 8, 7, 1.0, c.data_ptr(), 1, 1, seed.data_ptr(), 0,
+                       st.data_ptr(), 1)
+    with pytest.raises(ValueError, match="no output"):
+        K.std_step_bwd(p, 0, p, p, 0, 0, 0, 8, 0, 1.0, c.data_ptr(), 1, 1, seed.data_ptr(), 0,
+                       0.0, 1.0, 1)
+
+
 def test_bad_input():
     x, f = _inputs((2, 3))
     with pytest.raises(ValueError, match="dt"):
