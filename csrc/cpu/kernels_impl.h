@@ -294,29 +294,53 @@ static inline __attribute__((always_inline)) void box_muller_fast(uint32_t wa, u
   *out_sin = r * cdk::bits_to_float(cdk::float_to_bits(b) ^ ((qu << 30) & 0x80000000u));
 }
 
-// As normals_run, with box_muller_fast.
-static void normals_fast_run(float* __restrict out, uint32_t lo0, uint32_t hi, uint32_t sample,
-                             uint32_t k0, uint32_t k1, int nb) {
-  philox_chunks(lo0, hi, sample, k0, k1, nb, [&](uint32_t (*w)[PHILOX_SOA], int i0, int m) {
-    float* o = out + 4 * i0;
+// As normals_run, with box_muller_fast, but written lane-major: out[j * PHILOX_SOA + i] is lane
+// j of block lo0 + i (nb <= PHILOX_SOA). That is the order the vectorised loop computes them in;
+// the element order (4 i + j) cost a 4 x 16 transpose per 64 normals on port 5 (8 vpermt2ps),
+// while cd_smooth can put its tile into this order once per tile instead of once per sample.
+static void normals_fast_lanes_run(float* __restrict out, uint32_t lo0, uint32_t hi,
+                                   uint32_t sample, uint32_t k0, uint32_t k1, int nb) {
+  philox_chunks(lo0, hi, sample, k0, k1, nb, [&](uint32_t (*w)[PHILOX_SOA], int, int m) {
+    float* __restrict o0 = out;
+    float* __restrict o1 = out + PHILOX_SOA;
+    float* __restrict o2 = out + 2 * PHILOX_SOA;
+    float* __restrict o3 = out + 3 * PHILOX_SOA;
     for (int i = 0; i < m; ++i) {
-      float n0, n1, n2, n3;
-      box_muller_fast(w[0][i], w[1][i], &n0, &n1);
-      box_muller_fast(w[2][i], w[3][i], &n2, &n3);
-      o[4 * i + 0] = n0;
-      o[4 * i + 1] = n1;
-      o[4 * i + 2] = n2;
-      o[4 * i + 3] = n3;
+      box_muller_fast(w[0][i], w[1][i], &o0[i], &o1[i]);
+      box_muller_fast(w[2][i], w[3][i], &o2[i], &o3[i]);
     }
   });
 }
 
-// The fast normals of blocks block0 .. block0 + nb - 1 (cd_smooth's samples). An eps buffer in
-// L1 costs no more than consuming the registers directly: a fused version measured the same
-// (the loop is bound by ports 0 and 5, not by the loads and stores).
-static void gen_normals_fast(float* __restrict out, uint64_t seed, uint64_t block0, int nb,
-                             uint32_t sample) {
-  split_at_wrap(normals_fast_run, out, 4, seed, block0, nb, sample);
+// The fast normals of blocks block0 .. block0 + nb - 1 (cd_smooth's samples, nb <= PHILOX_SOA),
+// lane-major (normals_fast_lanes_run). An eps buffer in L1 costs no more than consuming the
+// registers directly: a fused version measured the same (the loop is bound by ports 0 and 5,
+// not by the loads and stores).
+static void gen_normals_fast_lanes(float* __restrict out, uint64_t seed, uint64_t block0, int nb,
+                                   uint32_t sample) {
+  // (a wrap of the low counter word inside the tile continues at column `first`: per = 1)
+  split_at_wrap(normals_fast_lanes_run, out, 1, seed, block0, nb, sample);
+}
+
+// cd_smooth's tiles in the lane order of gen_normals_fast_lanes: slot j * PHILOX_SOA + i holds
+// element 4 i + j of the tile (len <= TILE elements; slots past len get 0).
+static inline void tile_to_lanes(float* __restrict dst, const float* __restrict src, int len) {
+  if (len == TILE) {
+    for (int i = 0; i < PHILOX_SOA; ++i)
+      for (int j = 0; j < 4; ++j) dst[j * PHILOX_SOA + i] = src[4 * i + j];
+    return;
+  }
+  for (int i = 0; i < PHILOX_SOA; ++i)
+    for (int j = 0; j < 4; ++j) dst[j * PHILOX_SOA + i] = 4 * i + j < len ? src[4 * i + j] : 0.0f;
+}
+
+static inline void tile_from_lanes(float* __restrict dst, const float* __restrict src, int len) {
+  if (len == TILE) {
+    for (int i = 0; i < PHILOX_SOA; ++i)
+      for (int j = 0; j < 4; ++j) dst[4 * i + j] = src[j * PHILOX_SOA + i];
+    return;
+  }
+  for (int e = 0; e < len; ++e) dst[e] = src[(e & 3) * PHILOX_SOA + (e >> 2)];
 }
 
 // The 16-bit stream (docs/noise.md 3b): the eight float32 normals per block, before the
@@ -574,11 +598,16 @@ static inline void smooth_fwd_acc(float* __restrict acc, const float* __restrict
   }
 }
 
+// The tile's x (and per-element sigma) are put in lane order once (tile_to_lanes), the K samples
+// accumulate in that order, and the result goes back to element order once.
 template <class D, int ACT>
 static void smooth_fwd_t(const PointArgs& a, int64_t begin, int64_t end) {
-  alignas(64) float eps[TILE];
+  static_assert(TILE == 4 * PHILOX_SOA, "a cd_smooth tile is one Philox chunk");
+  alignas(64) float buf[TILE];  // element order: x, then the result
   alignas(64) float sig[TILE];
-  alignas(64) float xb[TILE];
+  alignas(64) float xl[TILE];  // lane order from here on
+  alignas(64) float sl[TILE];
+  alignas(64) float eps[TILE];
   alignas(64) float acc[TILE];
   using T = typename D::T;
   const T* x = static_cast<const T*>(a.x);
@@ -586,17 +615,25 @@ static void smooth_fwd_t(const PointArgs& a, int64_t begin, int64_t end) {
   const float K = (float)a.samples;
   for (int64_t p0 = begin; p0 < end; p0 += TILE) {
     const int len = (int)(end - p0 < TILE ? end - p0 : TILE);
+    const int nb = (len + 3) / 4;  // Philox blocks = columns of each lane row
     const T* xx = x + p0;
-    for (int i = 0; i < len; ++i) { xb[i] = D::ld(xx, i); acc[i] = 0.0f; }
+    for (int i = 0; i < len; ++i) buf[i] = D::ld(xx, i);
+    tile_to_lanes(xl, buf, len);
+    for (int i = 0; i < TILE; ++i) acc[i] = 0.0f;
     float sc = 0.0f;
     const bool uni = tile_sigma(a, p0, len, sig, &sc);
+    if (!uni) tile_to_lanes(sl, sig, len);
     for (int64_t k = 0; k < a.samples; ++k) {
-      gen_normals_fast(eps, a.seed, a.offset + (uint64_t)(p0 / 4), (len + 3) / 4, (uint32_t)k);
-      if (uni) smooth_fwd_acc<ACT, false>(acc, xb, eps, sig, sc, len);
-      else smooth_fwd_acc<ACT, true>(acc, xb, eps, sig, sc, len);
+      gen_normals_fast_lanes(eps, a.seed, a.offset + (uint64_t)(p0 / 4), nb, (uint32_t)k);
+      for (int j = 0; j < 4; ++j) {
+        const int o = j * PHILOX_SOA;
+        if (uni) smooth_fwd_acc<ACT, false>(acc + o, xl + o, eps + o, sl + o, sc, nb);
+        else smooth_fwd_acc<ACT, true>(acc + o, xl + o, eps + o, sl + o, sc, nb);
+      }
     }
-    T* o = y + p0;
-    for (int i = 0; i < len; ++i) D::st(o, i, acc[i] / K);
+    tile_from_lanes(buf, acc, len);
+    T* out = y + p0;
+    for (int i = 0; i < len; ++i) D::st(out, i, buf[i] / K);
   }
 }
 
@@ -612,11 +649,14 @@ static inline void smooth_bwd_acc(float* __restrict dx, float* __restrict ds,
   }
 }
 
+// Lane order inside the tile, as smooth_fwd_t.
 template <class D, int ACT>
 static void smooth_bwd_t(const PointArgs& a, int64_t begin, int64_t end, double* accs) {
-  alignas(64) float eps[TILE];
+  alignas(64) float buf[TILE];  // element order
   alignas(64) float sig[TILE];
-  alignas(64) float xb[TILE];
+  alignas(64) float xl[TILE];  // lane order
+  alignas(64) float sl[TILE];
+  alignas(64) float eps[TILE];
   alignas(64) float dx[TILE];
   alignas(64) float ds[TILE];
   using T = typename D::T;
@@ -627,28 +667,41 @@ static void smooth_bwd_t(const PointArgs& a, int64_t begin, int64_t end, double*
   const bool gs = a.want_gsigma;
   for (int64_t p0 = begin; p0 < end; p0 += TILE) {
     const int len = (int)(end - p0 < TILE ? end - p0 : TILE);
+    const int nb = (len + 3) / 4;
     const T* xx = x + p0;
-    for (int i = 0; i < len; ++i) { xb[i] = D::ld(xx, i); dx[i] = 0.0f; ds[i] = 0.0f; }
+    for (int i = 0; i < len; ++i) buf[i] = D::ld(xx, i);
+    tile_to_lanes(xl, buf, len);
+    for (int i = 0; i < TILE; ++i) { dx[i] = 0.0f; ds[i] = 0.0f; }
     float sc = 0.0f;
     const bool uni = tile_sigma(a, p0, len, sig, &sc);
+    if (!uni) tile_to_lanes(sl, sig, len);
     for (int64_t k = 0; k < a.samples; ++k) {
-      gen_normals_fast(eps, a.seed, a.offset + (uint64_t)(p0 / 4), (len + 3) / 4, (uint32_t)k);
-      if (uni) {
-        if (gs) smooth_bwd_acc<ACT, false, true>(dx, ds, xb, eps, sig, sc, len);
-        else smooth_bwd_acc<ACT, false, false>(dx, ds, xb, eps, sig, sc, len);
-      } else {
-        if (gs) smooth_bwd_acc<ACT, true, true>(dx, ds, xb, eps, sig, sc, len);
-        else smooth_bwd_acc<ACT, true, false>(dx, ds, xb, eps, sig, sc, len);
+      gen_normals_fast_lanes(eps, a.seed, a.offset + (uint64_t)(p0 / 4), nb, (uint32_t)k);
+      for (int j = 0; j < 4; ++j) {
+        const int o = j * PHILOX_SOA;
+        float* dxo = dx + o;
+        float* dso = ds + o;
+        const float* xo = xl + o;
+        const float* eo = eps + o;
+        const float* so = sl + o;
+        if (uni) {
+          if (gs) smooth_bwd_acc<ACT, false, true>(dxo, dso, xo, eo, so, sc, nb);
+          else smooth_bwd_acc<ACT, false, false>(dxo, dso, xo, eo, so, sc, nb);
+        } else {
+          if (gs) smooth_bwd_acc<ACT, true, true>(dxo, dso, xo, eo, so, sc, nb);
+          else smooth_bwd_acc<ACT, true, false>(dxo, dso, xo, eo, so, sc, nb);
+        }
       }
     }
+    tile_from_lanes(buf, dx, len);
     const T* g = gy + p0;
     T* o = gx + p0;
-    for (int i = 0; i < len; ++i) {
-      const float gi = D::ld(g, i);
-      D::st(o, i, gi * dx[i] / K);
-      ds[i] = gi * ds[i] / K;
+    for (int i = 0; i < len; ++i) D::st(o, i, D::ld(g, i) * buf[i] / K);
+    if (gs) {
+      tile_from_lanes(buf, ds, len);
+      for (int i = 0; i < len; ++i) buf[i] = D::ld(g, i) * buf[i] / K;
+      accum_channels(accs, buf, p0, len, a.C, a.chan_stride);
     }
-    if (gs) accum_channels(accs, ds, p0, len, a.C, a.chan_stride);
   }
 }
 
