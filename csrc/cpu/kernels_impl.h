@@ -240,7 +240,8 @@ static void gen_normals(float* __restrict out, uint64_t seed, uint64_t block0, i
 //     degree-6 fit of log1p(f)/f: relative error 1.5e-6 evaluated in float32 (no division);
 //   r = sqrt(t), t = -2 ln U, by vsqrtps: exact, and alone (without the division) it keeps up
 //     with the rest of the loop (rsqrt14 plus a Newton step measured 2-4 % slower, in noise);
-//   the accurate angle: the same quarter-turn reduction, polynomials and rotation.
+//   the angle reduced by half turns (not the accurate angle's quarter turns), so the rotation
+//     is a sign on r, with polynomials of one degree more (|error| <= 2.3e-7).
 // So |eps_fast - eps| <= 1e-6 r, inside 3c's bound of 2^-18 r = 3.8e-6 r
 // (tests/test_cpu_simd.py::test_cd_smooth_fast_normals_within_the_3c_bound).
 // Written one pair at a time: GCC's loop vectoriser turns normals_fast_run's loop over it into
@@ -265,33 +266,38 @@ static inline __attribute__((always_inline)) void box_muller_fast(uint32_t wa, u
   const uint32_t adj = cdk::float_to_bits((float)(int32_t)na) + (0x3f800000u - 0x3f3504f3u);
   const float e = (float)((int32_t)(adj >> 23) - (127 + 24));
   const float f = cdk::bits_to_float((adj & 0x007fffffu) + 0x3f3504f3u) - 1.0f;  // exact
-  float p = 0.12210112065076828f;
-  p = smooth_fma(p, f, -0.18781527876853943f);
-  p = smooth_fma(p, f, 0.20454612374305725f);
-  p = smooth_fma(p, f, -0.24896912276744843f);
-  p = smooth_fma(p, f, 0.3331604301929474f);
-  p = smooth_fma(p, f, -0.5000139474868774f);
-  p = smooth_fma(p, f, 1.0000008344650269f);
-  const float t = smooth_fma(e, 0.693147182f, f * p) * -2.0f;  // -2 ln U in (0, 33.3]
+  // P scaled by -2 (exact: a power of two), so t = -2 ln U comes out of the fma directly, the
+  // same float as -2 * (e ln2 + f P(f))
+  float p = -0.24420224130153656f;
+  p = smooth_fma(p, f, 0.37563055753707886f);
+  p = smooth_fma(p, f, -0.4090922474861145f);
+  p = smooth_fma(p, f, 0.49793824553489685f);
+  p = smooth_fma(p, f, -0.6663208603858948f);
+  p = smooth_fma(p, f, 1.0000278949737549f);
+  p = smooth_fma(p, f, -2.0000016689300537f);
+  const float t = smooth_fma(e, -1.3862943649291992f, f * p);  // -2 ln U in (0, 33.3]
   const float r = __builtin_sqrtf(t);
-  // The angle of cdk::box_muller_u in integers: q = round(4U) = (n + 2^21) >> 22 and
-  // (U - q/4) 2^24 = n - q 2^22, exact; times 2 pi 2^-24 it is the same float as 2 pi (U - q/4)
-  // (a power-of-two scaling commutes with the rounding).
-  const uint32_t qu = (nb + (1u << 21)) >> 22;
-  const float x = (float)(int32_t)(nb - (qu << 22)) *
+  // The angle reduced by half turns, in integers: q = round(2U) = (n + 2^22) >> 23 and
+  // (U - q/2) 2^24 = n - q 2^23, exact; times 2 pi 2^-24 it is x = 2 pi (U - q/2) in
+  // [-pi/2, pi/2] (one rounding), and (cos, sin)(2 pi U) = (-1)^q (cos, sin)(x): the sign goes
+  // on r (bit 23 of n + 2^22 is q's parity). Minimax polynomials on [-pi/2, pi/2] (x^9 for
+  // sin, x^8 for cos): |error| <= 2.3e-7 over all 2^23 angles, evaluated in float32. Unlike
+  // the quarter-turn rotation of the accurate angle there is no swap or per-output sign.
+  const uint32_t v = nb + (1u << 22);
+  const float x = (float)(int32_t)(nb - (v & 0xff800000u)) *
                   (6.28318530717958647692f * 5.9604644775390625e-08f);
   const float z = x * x;
-  const float ps = smooth_fma(z, smooth_fma(z, -1.9515295891e-4f, 8.3321608736e-3f),
-                              -1.6666654611e-1f);
-  const float sn = smooth_fma(x * z, ps, x);
-  const float pc = smooth_fma(z, smooth_fma(z, 2.443315711809948e-5f, -1.388731625493765e-3f),
-                              4.166664568298827e-2f);
-  const float cs = smooth_fma(-0.5f, z, 1.0f) + (z * z) * pc;
-  // rotate by q quarter turns (swap when q is odd, sign flips for q mod 4 in {1, 2} and {2, 3})
-  const bool odd = (qu & 1u) != 0u;
-  const float a = odd ? sn : cs, b = odd ? cs : sn;
-  *out_cos = r * cdk::bits_to_float(cdk::float_to_bits(a) ^ (((qu + 1u) << 30) & 0x80000000u));
-  *out_sin = r * cdk::bits_to_float(cdk::float_to_bits(b) ^ ((qu << 30) & 0x80000000u));
+  float ps = smooth_fma(z, 2.590494432297419e-06f, -0.00019800900190602988f);
+  ps = smooth_fma(ps, z, 0.008332899771630764f);
+  ps = smooth_fma(ps, z, -0.16666647791862488f);
+  ps = smooth_fma(ps, z, 1.0f);
+  float pc = smooth_fma(z, 2.315400524821598e-05f, -0.00138537073507905f);
+  pc = smooth_fma(pc, z, 0.04166358336806297f);
+  pc = smooth_fma(pc, z, -0.4999990463256836f);
+  pc = smooth_fma(pc, z, 0.9999999403953552f);
+  const float rs = cdk::bits_to_float(cdk::float_to_bits(r) ^ ((v << 8) & 0x80000000u));
+  *out_cos = rs * pc;
+  *out_sin = rs * (x * ps);
 }
 
 // As normals_run, with box_muller_fast, but written lane-major: out[j * PHILOX_SOA + i] is lane
