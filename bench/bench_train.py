@@ -34,7 +34,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import cdkernels  # noqa: E402
 from cdkernels import models  # noqa: E402
+from cdkernels._common import steady_heap_wanted  # noqa: E402
 from cdkernels import train as T  # noqa: E402
 
 warnings.filterwarnings("ignore", message="cdkernels: using backend")
@@ -254,10 +256,14 @@ def main(argv=None):
     p.add_argument("--noise-sizes", default="8,28", help="image sides for --noise-cost")
     args = p.parse_args(argv)
     device = torch.device(args.device)
+    # as the training CLI does on the CPU: without it, whether a variant's steps page-fault their
+    # activations in afresh depends on the process's heap layout (cdkernels.steady_heap)
+    heap = ("steady" if device.type == "cpu" and steady_heap_wanted() and cdkernels.steady_heap()
+            else "glibc defaults" if device.type == "cpu" else "n/a")
     if args.noise_cost:
         print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-              f"load {os.getloadavg()[0]:.2f}; noise cost vs off (median of {args.repeats} "
-              f"interleaved repeats x {args.iters} steps)", flush=True)
+              f"load {os.getloadavg()[0]:.2f}, heap {heap}; noise cost vs off (median of "
+              f"{args.repeats} interleaved repeats x {args.iters} steps)", flush=True)
         rows = noise_cost(args, device)
         for r in rows:
             status = "" if r["variant"] == "off" else (
@@ -277,7 +283,7 @@ def main(argv=None):
         p.error("cudagraph variants need --device cuda")
     rows = []
     print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-          f"cd_step backend {_backend_name(device)}", flush=True)
+          f"cd_step backend {_backend_name(device)}, heap {heap}", flush=True)
     hdr = f"{'model':22} {'variant':14} {'batch':>5} {'dtype':>5} {'ms/step':>9} {'img/s':>9}"
     print(hdr + f" {'vs torch':>9}\n" + "-" * (len(hdr) + 10))
     for model in args.models.split(","):

@@ -11,6 +11,7 @@ from .cd_step import cd_step
 from .std_step import cd_std_step
 from .ensemble_mean import ensemble_mean
 from .noise import normal, philox_words, uniform
+from ._common import steady_heap
 from . import nn  # noqa: F401  (cdkernels.nn.CDStep, cdkernels.nn.MonteCarlo)
 
 __version__ = "0.1.0"
@@ -22,5 +23,7 @@ def empty_cache() -> None:
     from ._common import output_cache
     output_cache.clear()
 
+
 __all__ = ["cd_step", "cd_std_step", "cd_smooth", "ensemble_mean", "normal", "uniform", "philox_words",
-           "backends", "use_backend", "get_backend", "nn", "empty_cache", "__version__"]
+           "backends", "use_backend", "get_backend", "nn", "empty_cache", "steady_heap",
+           "__version__"]

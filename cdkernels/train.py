@@ -50,6 +50,7 @@ from typing import Dict, List, Optional
 import torch
 from torch import nn
 
+from . import _common as C
 from . import data as D
 from . import models as M
 
@@ -581,6 +582,10 @@ def _setup(args, rank, world, device) -> SimpleNamespace:
         os.makedirs(st.out, exist_ok=True)
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    elif device.type == "cpu" and C.steady_heap_wanted():
+        # every step then reuses already-mapped memory instead of a process-dependent share of
+        # fresh page faults (cdkernels.steady_heap); CDK_STEADY_HEAP=0 leaves malloc alone
+        C.steady_heap()
     return st
 
 

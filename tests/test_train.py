@@ -430,3 +430,19 @@ def test_ddp_two_processes_gloo(tmp_path):
     assert len(lines) == 1 and lines[0]["train_images"] == 256
     assert lines[0]["val_acc"] >= 0 and sorted(os.listdir(out)) == [
         "best.pt", "checkpoint.pt", "curves.png", "metrics.jsonl", "summary.json"]
+
+
+@pytest.mark.parametrize("env", [None, "0"])
+def test_cpu_runs_ask_for_a_steady_heap(tmp_path, monkeypatch, env):
+    """A CPU run calls cdkernels.steady_heap (each step then reuses mapped memory) unless
+    CDK_STEADY_HEAP=0 says to leave malloc alone."""
+    from cdkernels import _common as C
+    calls = []
+    monkeypatch.setattr(C, "steady_heap", lambda *a: calls.append(a) or True)
+    if env is None:
+        monkeypatch.delenv("CDK_STEADY_HEAP", raising=False)
+    else:
+        monkeypatch.setenv("CDK_STEADY_HEAP", env)
+    assert T.main(TINY + ["--epochs", "1", "--limit-train", "64", "--device", "cpu",
+                          "--out", str(tmp_path / "r")]) == 0
+    assert len(calls) == (1 if env is None else 0)
