@@ -260,7 +260,7 @@ static inline __attribute__((always_inline)) void box_muller_fast(uint32_t wa, u
                                                                   float* out_cos,
                                                                   float* out_sin) {
   // U(w) 2^24 = 2 (w >> 9) + 1 = (w >> 8) | 1, an odd integer below 2^24 (exact in float32)
-  const uint32_t na = (wa >> 8) | 1u, nb = (wb >> 8) | 1u;
+  const uint32_t na = (wa >> 8) | 1u;
   // -ln U, split as in cdk::log_unit (mantissa shifted into [sqrt(1/2), sqrt(2))), read off
   // the float of U 2^24: the same mantissa, the exponent 24 higher
   const uint32_t adj = cdk::float_to_bits((float)(int32_t)na) + (0x3f800000u - 0x3f3504f3u);
@@ -277,15 +277,17 @@ static inline __attribute__((always_inline)) void box_muller_fast(uint32_t wa, u
   p = smooth_fma(p, f, -2.0000016689300537f);
   const float t = smooth_fma(e, -1.3862943649291992f, f * p);  // -2 ln U in (0, 33.3]
   const float r = __builtin_sqrtf(t);
-  // The angle reduced by half turns, in integers: q = round(2U) = (n + 2^22) >> 23 and
-  // (U - q/2) 2^24 = n - q 2^23, exact; times 2 pi 2^-24 it is x = 2 pi (U - q/2) in
-  // [-pi/2, pi/2] (one rounding), and (cos, sin)(2 pi U) = (-1)^q (cos, sin)(x): the sign goes
-  // on r (bit 23 of n + 2^22 is q's parity). Minimax polynomials on [-pi/2, pi/2] (x^9 for
-  // sin, x^8 for cos): |error| <= 2.3e-7 over all 2^23 angles, evaluated in float32. Unlike
-  // the quarter-turn rotation of the accurate angle there is no swap or per-output sign.
-  const uint32_t v = nb + (1u << 22);
-  const float x = (float)(int32_t)(nb - (v & 0xff800000u)) *
-                  (6.28318530717958647692f * 5.9604644775390625e-08f);
+  // The angle reduced by half turns, in integers: with g = wb >> 9 (so U 2^24 = 2g + 1),
+  // q = round(2U) = (g + 2^21) >> 22 and (U - q/2) 2^24 = 2d + 1 with d = g - q 2^22, exact; so
+  // x = 2 pi (U - q/2) = fma(d, 2k, k), k = 2 pi 2^-24, one rounding of the exact product (the
+  // same float as k (2d + 1)). x is in [-pi/2, pi/2], and (cos, sin)(2 pi U) =
+  // (-1)^q (cos, sin)(x): the sign goes on r (bit 22 of g + 2^21 is q's parity). Minimax
+  // polynomials on [-pi/2, pi/2] (x^9 for sin, x^8 for cos): |error| <= 2.3e-7 over all 2^23
+  // angles, evaluated in float32. Unlike the quarter-turn rotation of the accurate angle there
+  // is no swap or per-output sign.
+  const uint32_t gb = wb >> 9, v = gb + (1u << 21);
+  constexpr float k = 6.28318530717958647692f * 5.9604644775390625e-08f;
+  const float x = smooth_fma((float)(int32_t)(gb - (v & 0xffc00000u)), 2.0f * k, k);
   const float z = x * x;
   float ps = smooth_fma(z, 2.590494432297419e-06f, -0.00019800900190602988f);
   ps = smooth_fma(ps, z, 0.008332899771630764f);
@@ -295,7 +297,7 @@ static inline __attribute__((always_inline)) void box_muller_fast(uint32_t wa, u
   pc = smooth_fma(pc, z, 0.04166358336806297f);
   pc = smooth_fma(pc, z, -0.4999990463256836f);
   pc = smooth_fma(pc, z, 0.9999999403953552f);
-  const float rs = cdk::bits_to_float(cdk::float_to_bits(r) ^ ((v << 8) & 0x80000000u));
+  const float rs = cdk::bits_to_float(cdk::float_to_bits(r) ^ ((v << 9) & 0x80000000u));
   *out_cos = rs * pc;
   *out_sin = rs * (x * ps);
 }
