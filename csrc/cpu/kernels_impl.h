@@ -262,10 +262,12 @@ static inline __attribute__((always_inline)) void box_muller_fast(uint32_t wa, u
   // U(w) 2^24 = 2 (w >> 9) + 1 = (w >> 8) | 1, an odd integer below 2^24 (exact in float32)
   const uint32_t na = (wa >> 8) | 1u;
   // -ln U, split as in cdk::log_unit (mantissa shifted into [sqrt(1/2), sqrt(2))), read off
-  // the float of U 2^24: the same mantissa, the exponent 24 higher
-  const uint32_t adj = cdk::float_to_bits((float)(int32_t)na) + (0x3f800000u - 0x3f3504f3u);
-  const float e = (float)((int32_t)(adj >> 23) - (127 + 24));
-  const float f = cdk::bits_to_float((adj & 0x007fffffu) + 0x3f3504f3u) - 1.0f;  // exact
+  // the float of U 2^24: the same mantissa, the exponent 24 higher. The exponent bias (127) and
+  // the 24 come off in the same add, so e is one arithmetic shift of it (e in [-24, 0]).
+  const int32_t adj = (int32_t)(cdk::float_to_bits((float)(int32_t)na) +
+                                (0x3f800000u - 0x3f3504f3u - ((127u + 24u) << 23)));
+  const float e = (float)(adj >> 23);
+  const float f = cdk::bits_to_float(((uint32_t)adj & 0x007fffffu) + 0x3f3504f3u) - 1.0f;  // exact
   // P scaled by -2 (exact: a power of two), so t = -2 ln U comes out of the fma directly, the
   // same float as -2 * (e ln2 + f P(f))
   float p = -0.24420224130153656f;
