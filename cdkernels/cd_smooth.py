@@ -34,11 +34,14 @@ def _smooth_fwd(x, sigma_value, sigma, samples, seed, offset, activation, backen
     y = torch.empty_like(x)
     if x.numel() == 0:
         return y
-    xd = C.like(C.dense_input(x), y)
+    be = get_backend(x.device, x.dtype, backend or None)
+    if x.is_contiguous() and be.accepts_contiguous_nd:
+        xf, yf = x, y  # (as cd_step's _run_fwd: no views for a data_ptr-only backend)
+    else:
+        xf, yf = C.flat(C.like(C.dense_input(x), y)), C.flat(y)
     ch, cs = C.channel_map(y, sigma)
-    get_backend(x.device, x.dtype, backend or None).cd_smooth_fwd(
-        C.flat(xd), C.flat(y), C.sigma_for_kernel(sigma, x.dtype), sigma_value, ch, cs,
-        samples, seed, offset, activation)
+    be.cd_smooth_fwd(xf, yf, C.sigma_for_kernel(sigma, x.dtype), sigma_value, ch, cs, samples,
+                     seed, offset, activation)
     return y
 
 
@@ -154,9 +157,12 @@ def cd_smooth(x: Tensor, sigma: Union[float, Tensor], *, samples: Optional[int],
     if backend is not None:
         from .backends import _check_name
         _check_name(backend)
-    seed_t = C.make_seed(seed, x.device)
     if not (torch.is_grad_enabled() and (x.requires_grad or (
             sigma_t is not None and sigma_t.requires_grad))) and _eager_ok(x, x):
-        # eager, nothing to differentiate: the op's body without the dispatcher (~20 us)
+        # eager, nothing to differentiate: the op's body without the dispatcher (~20 us); on
+        # the CPU the seed goes through the per-thread buffer (as cd_step's eager path)
+        seed_t = (C.cpu_seed_buffer(seed) if x.is_cpu and not isinstance(seed, torch.Tensor)
+                  else C.make_seed(seed, x.device))
         return _smooth_fwd(x, sigma_value, sigma_t, samples, seed_t, 0, act, backend or "")
-    return cd_smooth_op(x, sigma_value, sigma_t, samples, seed_t, 0, act, backend or "")
+    return cd_smooth_op(x, sigma_value, sigma_t, samples, C.make_seed(seed, x.device), 0, act,
+                        backend or "")

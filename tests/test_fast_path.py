@@ -188,6 +188,22 @@ def test_seed_none_is_the_documented_draw():
                              0, "none", ""))
 
 
+def test_cd_smooth_seed_none_is_the_documented_draw_on_both_paths():
+    """cd_smooth's eager no-grad CPU path (seed in the per-thread buffer) draws the seed the
+    custom-op path (taken with grad) draws: same manual_seed, same samples; calls differ."""
+    x = torch.randn(3, 4, 5)
+    torch.manual_seed(9)
+    s = torch.empty(1, dtype=torch.int64).random_()
+    torch.manual_seed(9)
+    eager = cdkernels.cd_smooth(x, 0.4, samples=4, backend="cpu")
+    assert torch.equal(eager, cdkernels.cd_smooth(x, 0.4, samples=4, seed=int(s) % (1 << 64),
+                                                  backend="cpu"))
+    torch.manual_seed(9)
+    op = cdkernels.cd_smooth(x.clone().requires_grad_(True), 0.4, samples=4, backend="cpu")
+    assert torch.equal(eager, op.detach())
+    assert not torch.equal(eager, cdkernels.cd_smooth(x, 0.4, samples=4, backend="cpu"))
+
+
 def test_backward_uses_its_forward_seed_after_other_calls():
     """The CPU seed buffer is reused by later calls; backward must still see its own noise."""
     x, f = _data((50, 3))
