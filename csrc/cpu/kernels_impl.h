@@ -242,7 +242,8 @@ static void gen_normals(float* __restrict out, uint64_t seed, uint64_t block0, i
 //     with the rest of the loop (rsqrt14 plus a Newton step measured 2-4 % slower, in noise);
 //   the angle reduced by half turns (not the accurate angle's quarter turns), so the rotation
 //     is a sign on r, with polynomials of one degree more (|error| <= 2.3e-7).
-// So |eps_fast - eps| <= 1e-6 r, inside 3c's bound of 2^-18 r = 3.8e-6 r
+// So |eps_fast - eps| <= 1.2e-6 r (the log's 7.5e-7 r in r, the angle's 2.3e-7 r, roundings;
+// measured 7.9e-7 r), inside 3c's bound of 2^-18 r = 3.8e-6 r
 // (tests/test_cpu_simd.py::test_cd_smooth_fast_normals_within_the_3c_bound).
 // Written one pair at a time: GCC's loop vectoriser turns normals_fast_run's loop over it into
 // clean code at every SIMD level (a hand-written 16-lane version measured the same in AVX-512,
