@@ -360,22 +360,18 @@ static inline void tile_from_lanes(float* __restrict dst, const float* __restric
 static void normals16_run(float* __restrict out, uint32_t lo0, uint32_t hi, uint32_t sample,
                           uint32_t k0, uint32_t k1, int nb) {
   philox_chunks(lo0, hi, sample, k0, k1, nb, [&](uint32_t (*w)[PHILOX_SOA], int i0, int m) {
-    float* o = out + 8 * i0;
-    for (int i = 0; i < m; ++i) {  // written out (a j loop here stayed scalar)
-      float n[8];
-      cdk::word_to_normals16(w[0][i], &n[0], &n[1]);
-      cdk::word_to_normals16(w[1][i], &n[2], &n[3]);
-      cdk::word_to_normals16(w[2][i], &n[4], &n[5]);
-      cdk::word_to_normals16(w[3][i], &n[6], &n[7]);
-      o[8 * i + 0] = n[0];
-      o[8 * i + 1] = n[1];
-      o[8 * i + 2] = n[2];
-      o[8 * i + 3] = n[3];
-      o[8 * i + 4] = n[4];
-      o[8 * i + 5] = n[5];
-      o[8 * i + 6] = n[6];
-      o[8 * i + 7] = n[7];
+    // One word at a time (one Box-Muller chain per vectorised loop instead of four, which ran
+    // out of the 32 vector registers), into lane-major rows, then one interleaving loop.
+    alignas(64) float lanes[8][PHILOX_SOA];
+    for (int j = 0; j < 4; ++j) {
+      const uint32_t* __restrict wj = w[j];
+      float* __restrict c = lanes[2 * j];
+      float* __restrict s = lanes[2 * j + 1];
+      for (int i = 0; i < m; ++i) cdk::word_to_normals16(wj[i], &c[i], &s[i]);
     }
+    float* __restrict o = out + 8 * i0;
+    for (int i = 0; i < m; ++i)
+      for (int l = 0; l < 8; ++l) o[8 * i + l] = lanes[l][i];
   });
 }
 
