@@ -245,9 +245,9 @@ static void gen_normals(float* __restrict out, uint64_t seed, uint64_t block0, i
 // So |eps_fast - eps| <= 1.2e-6 r (the log's 7.5e-7 r in r, the angle's 2.3e-7 r, roundings;
 // measured 7.9e-7 r), inside 3c's bound of 2^-18 r = 3.8e-6 r
 // (tests/test_cpu_simd.py::test_cd_smooth_fast_normals_within_the_3c_bound).
-// Written one pair at a time: GCC's loop vectoriser turns normals_fast_run's loop over it into
-// clean code at every SIMD level (a hand-written 16-lane version measured the same in AVX-512,
-// and GCC split it into ymm halves with lane moves through the stack in AVX2).
+// Written one pair at a time: GCC's loop vectoriser turns normals_fast_lanes_run's loop over it
+// into clean code at every SIMD level (a hand-written 16-lane version measured the same in
+// AVX-512, and GCC split it into ymm halves with lane moves through the stack in AVX2).
 // a*b + c, one rounding where the clone has FMA
 static inline __attribute__((always_inline)) float smooth_fma(float a, float b, float c) {
 #if CDK_ISA_LEVEL >= 1
