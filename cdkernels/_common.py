@@ -192,6 +192,18 @@ def cpu_seed_buffer_signed(value: int) -> Tensor:
     return _seed_buffer().fill_(value)
 
 
+def eager_seed(seed: Union[None, int, Tensor], x: Tensor, keep_value: bool):
+    """(seed tensor, its int64 value or None) for an op called eagerly on x. On the CPU an int or
+    None goes through this thread's seed buffer (no allocation; the kernels read it on entry), and
+    with ``keep_value`` its value comes back too, for a backward that runs after the buffer has
+    been refilled (cpu_seed_buffer_signed replays it). Elsewhere, or for a seed tensor:
+    make_seed's tensor, which the op keeps itself."""
+    if x.is_cpu and not isinstance(seed, torch.Tensor):  # (is_cpu: device.type costs ~2 us)
+        buf = cpu_seed_buffer(seed)
+        return buf, (buf.item() if keep_value else None)
+    return make_seed(seed, x.device), None
+
+
 def _seed_buffer() -> Tensor:
     """This thread's reusable int64 [1] CPU seed tensor."""
     buf = getattr(_seed_local, "buf", None)

@@ -161,8 +161,7 @@ def cd_smooth(x: Tensor, sigma: Union[float, Tensor], *, samples: Optional[int],
             sigma_t is not None and sigma_t.requires_grad))) and _eager_ok(x, x):
         # eager, nothing to differentiate: the op's body without the dispatcher (~20 us); on
         # the CPU the seed goes through the per-thread buffer (as cd_step's eager path)
-        seed_t = (C.cpu_seed_buffer(seed) if x.is_cpu and not isinstance(seed, torch.Tensor)
-                  else C.make_seed(seed, x.device))
+        seed_t = C.eager_seed(seed, x, False)[0]
         return _smooth_fwd(x, sigma_value, sigma_t, samples, seed_t, 0, act, backend or "")
     return cd_smooth_op(x, sigma_value, sigma_t, samples, C.make_seed(seed, x.device), 0, act,
                         backend or "")

@@ -261,15 +261,8 @@ def _cd_step_eager(x, f, dt, sigma, act, seed, backend):
     be = get_backend(dev, dtype, backend)
     grad = torch.is_grad_enabled() and (x.requires_grad or f.requires_grad or (
         sigma_t is not None and sigma_t.requires_grad))
-    seed_int = None
-    if x.is_cpu and not isinstance(seed, torch.Tensor):  # (is_cpu: device.type costs ~2 us)
-        # reusable per-thread buffer: no tensor allocation for the seed (CPU kernels read it
-        # at call time; backward rebuilds it from seed_int)
-        seed_t = C.cpu_seed_buffer(seed)
-        if grad:
-            seed_int = seed_t.item()
-    else:
-        seed_t = C.make_seed(seed, dev)
+    # (CPU: the per-thread seed buffer; backward rebuilds it from seed_int)
+    seed_t, seed_int = C.eager_seed(seed, x, grad)
     if not grad:
         return _run_fwd(x, f, dt, sigma_value, sigma_t, seed_t, 0, act, be)
     # non-tensor arguments packed in one tuple: apply() walks its arguments (~1 us each)

@@ -284,13 +284,7 @@ def cd_std_step(x: Tensor, f: Tensor, dt: float, coef: Union[float, Tensor], *,
         be = get_backend(x.device, x.dtype, backend)
         grad = torch.is_grad_enabled() and (x.requires_grad or f.requires_grad
                                             or coef_t.requires_grad)
-        seed_int = None
-        if x.is_cpu and not isinstance(seed, torch.Tensor):  # (as cd_step's eager path)
-            seed_t = C.cpu_seed_buffer(seed)  # (make_seed's value, no allocation)
-            if grad:
-                seed_int = seed_t.item()
-        else:
-            seed_t = C.make_seed(seed, x.device)
+        seed_t, seed_int = C.eager_seed(seed, x, grad)  # (as cd_step's eager path)
         if grad:
             return _STD_APPLY(x, f, coef_t, (dt, seed_t, seed_int, be))
         return _std_fwd(x, f, dt, coef_t, seed_t, be)[0]
