@@ -406,3 +406,20 @@ def test_output_cache_reuses_only_dropped_outputs():
                                                    * cdkernels.normal(x.shape, 1)) > 0).float())
     cdkernels.empty_cache()
     assert output_cache.bufs == []
+
+
+@pytest.mark.parametrize("op", ["cd_step", "cd_std_step", "cd_smooth"])
+@pytest.mark.parametrize("grad", [False, True])
+@pytest.mark.parametrize("bad, err", [(-1, ValueError), (2 ** 64, ValueError), ("1", TypeError),
+                                      (1.5, TypeError), (True, TypeError)])
+def test_eager_paths_refuse_bad_seeds(cpu_backend, op, grad, bad, err):
+    """The eager CPU paths (seed through the per-thread buffer, _common.eager_seed) give the same
+    clear errors for a bad seed as the custom-op path, with and without grad."""
+    x = torch.randn(2, 3, 4, requires_grad=grad)
+    f = torch.randn(2, 3, 4)
+    call = {"cd_step": lambda: cdkernels.cd_step(x, f, 0.5, 0.3, seed=bad, backend="cpu"),
+            "cd_std_step": lambda: cdkernels.cd_std_step(x, f, 0.5, 0.3, seed=bad, backend="cpu"),
+            "cd_smooth": lambda: cdkernels.cd_smooth(x, 0.3, samples=2, seed=bad, backend="cpu"),
+            }[op]
+    with pytest.raises(err, match="seed"):
+        call()
