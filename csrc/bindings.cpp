@@ -181,6 +181,13 @@ PYBIND11_MODULE(_C, m) {
       }, py::arg("out"), py::arg("n_blocks"), py::arg("seed"), py::arg("offset"),
       py::arg("sample"), py::arg("nthreads"));
 
+  m.def("normals16_of_words", [](uintptr_t words, uintptr_t out, int64_t n) {
+        py::gil_scoped_release nogil;
+        normals16_of_words(ptr<const uint32_t>(words), ptr<float>(out), n);
+      }, py::arg("words"), py::arg("out"), py::arg("n"),
+      "float32 [2n]: the 16-bit stream's normals of n uint32 words before the 16-bit rounding, "
+      "as the CPU kernels compute them at the current SIMD level (for tests)");
+
   m.def("uniform", [](uintptr_t out, int64_t n, uintptr_t seed, uint64_t offset,
                       uint32_t sample, int nthreads) {
         const uint64_t s = read_seed(seed);

@@ -277,8 +277,9 @@ CDK_HD float u16_angle(uint32_t w) { return one_plus_h(w >> 16) - 0.999992370605
 // exactly, in [-1/2, 1/2) where the hardware sin/cos are most accurate; x = 2 pi (a + 2^-17) is
 // then the angle minus a half turn, which is folded into the sign of r. The arguments of lg2
 // (>= 2^-17) and sqrt (>= 1.5e-5) are never subnormal, so the .ftz forms (no subnormal
-// fix-ups) compute the same values. Host (CPU backend, CUDA emulator): the accurate float32
-// Box-Muller of the 32-bit stream on these uniforms (1-2 ulp).
+// fix-ups) compute the same values. Host (the CUDA emulator): the accurate float32 Box-Muller of
+// the 32-bit stream on these uniforms (1-2 ulp). The CPU backend's kernels do not call this: they
+// use word_to_normals16_fast (cpu/kernels_impl.h), division-free polynomials within 1.2e-6 r.
 CDK_HD void word_to_normals16(uint32_t w, float* out_cos, float* out_sin) {
 #if defined(__CUDA_ARCH__)
   const float vr = __uint_as_float(__byte_perm(w, 0x3F800000u, 0x7610));  // 1 + hr 2^-23

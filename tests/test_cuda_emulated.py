@@ -172,6 +172,7 @@ NOISE_CASES = [  # n, offset, sample, misalignment (elements)
 
 def test_noise(lib):
     ck = Checker()
+    apart16 = {torch.float16: [0, 0], torch.bfloat16: [0, 0]}  # (differing, total) CPU vs CUDA
     for n, off, smp, mis in NOISE_CASES:
         tag = f"n={n} off={off} sample={smp} mis={mis}"
         out = buf(n, torch.int32, mis, 0)
@@ -192,10 +193,17 @@ def test_noise(lib):
             lib.emu_normal(code, ptr(out), n, ptr(SEED), off, smp, CAP)
             ref = torch.zeros(n, dtype=dt)
             R.normal(ref, SEED, off, smp)
-            if CPU_OK:  # the CPU build rounds like the GPU (fused CDK_FMA): the same bits
+            if CPU_OK:
                 cpu = torch.full((n,), float("nan"), dtype=dt)
                 cdkernels.get_backend(torch.device("cpu"), dt, "cpu").normal(cpu, SEED, off, smp)
-                ck.exact(f"cpu == cuda normal {dt} {tag}", out, cpu)
+                if dt == torch.float32:  # the CPU build rounds like the GPU (fused CDK_FMA)
+                    ck.exact(f"cpu == cuda normal {dt} {tag}", out, cpu)
+                else:  # 16-bit: the CPU's polynomials (noise.md 3b) move rare near-ties
+                    ck.checks += 1
+                    d = steps16(out, cpu)
+                    if cpu.isnan().any() or d.max() > 1:
+                        ck.errors.append(f"cpu ~ cuda normal {dt} {tag}: more than 1 ulp apart")
+                    apart16[dt] = [apart16[dt][0] + int((d != 0).sum()), apart16[dt][1] + n]
             ck.checks += 1
             if out.isnan().any():
                 ck.errors.append(f"normal {dt} {tag}: unwritten (NaN) elements")
@@ -209,6 +217,10 @@ def test_noise(lib):
                 if (d > eps * ref.double().abs() + 1e-7).any():
                     ck.errors.append(f"normal {dt} {tag}: more than 1 ulp of {dt} off, "
                                      f"max {d.max().item()}")
+    for dt, (bad, tot) in apart16.items():
+        ck.checks += 1
+        if tot and bad > 2e-3 * tot:  # (measured on 6M elements: 6e-5 bf16, 5e-4 fp16)
+            ck.errors.append(f"cpu ~ cuda normal {dt}: {bad}/{tot} elements differ")
     ck.done()
 
 

@@ -284,6 +284,9 @@ struct KernelTable {
   void (*z_std_bwd)(const PointArgs& a, int64_t begin, int64_t end);
   // acc[c] += sum over channel c of gy * eps, the std step's noise (y_guard above)
   void (*std_gsum)(const PointArgs& a, int64_t begin, int64_t end, double* acc);
+  // out[2i], out[2i+1] = the 16-bit stream's float32 normals of word w[i], before the 16-bit
+  // rounding (what the kernels compute; tests check them against the float64 formulas)
+  void (*normals16_of_words)(const uint32_t* w, float* out, int64_t n);
 };
 
 }  // namespace cdk_cpu

@@ -220,6 +220,10 @@ void uniform(float* out, int64_t n, uint64_t seed, uint64_t offset, uint32_t sam
                [&](int, int64_t b0, int64_t b1) { k.uniform(out, b0, b1, seed, offset, sample); });
 }
 
+void normals16_of_words(const uint32_t* w, float* out, int64_t n) {
+  K().normals16_of_words(w, out, n);
+}
+
 void normal(void* out, int dtype, int64_t n, uint64_t seed, uint64_t offset, uint32_t sample,
             int nthreads) {
   const KernelTable& k = K();

@@ -30,6 +30,9 @@ void philox_words(int32_t* out, int64_t n_blocks, uint64_t seed, uint64_t offset
                   uint32_t sample, int nthreads);
 void uniform(float* out, int64_t n, uint64_t seed, uint64_t offset, uint32_t sample,
              int nthreads);
+// The 16-bit stream's float32 normals (before the 16-bit rounding) of n given words, at the
+// current SIMD level, one thread: a window for tests on what the kernels compute.
+void normals16_of_words(const uint32_t* w, float* out, int64_t n);
 void normal(void* out, int dtype, int64_t n, uint64_t seed, uint64_t offset, uint32_t sample,
             int nthreads);
 void cd_step_fwd(const PointArgs& a, int64_t n, int nthreads);

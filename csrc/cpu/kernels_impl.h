@@ -305,6 +305,49 @@ static inline __attribute__((always_inline)) void box_muller_fast(uint32_t wa, u
   *out_sin = rs * (x * ps);
 }
 
+// The 16-bit stream's pair of one word (docs/noise.md 3b) with the same fast transcendentals:
+// the spec lets native backends approximate there (|error| <= 2^-14 + 2^-16 |eps| before the
+// 16-bit rounding; the GPU builds use the hardware's), and 1.2e-6 r is 50x inside it. Every
+// multiply-add is a true FMA at every SIMD level (the C library's fmaf in the baseline clone,
+// as CDK_FMA), so all clones compute the same bits: forward and backward agree whichever clone
+// runs them. The uniforms are box_muller_fast's with 17 bits instead of 24:
+//   radius: U16(hr) 2^17 = 2 hr + 1 (odd, < 2^17, exact in float32): the exponent offset is 17;
+//   angle:  g = ha, q = round(2 U) = (g + 2^14) >> 15, (U - q/2) 2^17 = 2d + 1 with
+//           d = g - q 2^15, x = fma(d, 2k, k), k = 2 pi 2^-17; q's parity is bit 15 of g + 2^14.
+static inline __attribute__((always_inline)) void word_to_normals16_fast(uint32_t w,
+                                                                         float* out_cos,
+                                                                         float* out_sin) {
+  const uint32_t na = ((w << 1) & 0x1fffeu) | 1u;
+  const int32_t adj = (int32_t)(cdk::float_to_bits((float)(int32_t)na) +
+                                (0x3f800000u - 0x3f3504f3u - ((127u + 17u) << 23)));
+  const float e = (float)(adj >> 23);
+  const float f = cdk::bits_to_float(((uint32_t)adj & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
+  float p = -0.24420224130153656f;
+  p = CDK_FMA(p, f, 0.37563055753707886f);
+  p = CDK_FMA(p, f, -0.4090922474861145f);
+  p = CDK_FMA(p, f, 0.49793824553489685f);
+  p = CDK_FMA(p, f, -0.6663208603858948f);
+  p = CDK_FMA(p, f, 1.0000278949737549f);
+  p = CDK_FMA(p, f, -2.0000016689300537f);
+  const float t = CDK_FMA(e, -1.3862943649291992f, f * p);  // -2 ln U in (0, 23.6]
+  const float r = __builtin_sqrtf(t);
+  const uint32_t g = w >> 16, v = g + (1u << 14);
+  constexpr float k = 6.28318530717958647692f * 7.62939453125e-06f;  // 2 pi 2^-17
+  const float x = CDK_FMA((float)(int32_t)(g - (v & 0xffff8000u)), 2.0f * k, k);
+  const float z = x * x;
+  float ps = CDK_FMA(z, 2.590494432297419e-06f, -0.00019800900190602988f);
+  ps = CDK_FMA(ps, z, 0.008332899771630764f);
+  ps = CDK_FMA(ps, z, -0.16666647791862488f);
+  ps = CDK_FMA(ps, z, 1.0f);
+  float pc = CDK_FMA(z, 2.315400524821598e-05f, -0.00138537073507905f);
+  pc = CDK_FMA(pc, z, 0.04166358336806297f);
+  pc = CDK_FMA(pc, z, -0.4999990463256836f);
+  pc = CDK_FMA(pc, z, 0.9999999403953552f);
+  const float rs = cdk::bits_to_float(cdk::float_to_bits(r) ^ ((v << 16) & 0x80000000u));
+  *out_cos = rs * pc;
+  *out_sin = rs * (x * ps);
+}
+
 // As normals_run, with box_muller_fast, but written lane-major: out[j * PHILOX_SOA + i] is lane
 // j of block lo0 + i (nb <= PHILOX_SOA). That is the order the vectorised loop computes them in;
 // the element order (4 i + j) cost a 4 x 16 transpose per 64 normals on port 5 (8 vpermt2ps),
@@ -367,7 +410,7 @@ static void normals16_run(float* __restrict out, uint32_t lo0, uint32_t hi, uint
       const uint32_t* __restrict wj = w[j];
       float* __restrict c = lanes[2 * j];
       float* __restrict s = lanes[2 * j + 1];
-      for (int i = 0; i < m; ++i) cdk::word_to_normals16(wj[i], &c[i], &s[i]);
+      for (int i = 0; i < m; ++i) word_to_normals16_fast(wj[i], &c[i], &s[i]);
     }
     float* __restrict o = out + 8 * i0;
     for (int i = 0; i < m; ++i)
@@ -1356,10 +1399,14 @@ static void k_std_gsum(const PointArgs& a, int64_t begin, int64_t end, double* a
   else step_bwd_t<BF16, false>(r, begin, end, acc);
 }
 
+static void k_normals16_of_words(const uint32_t* w, float* out, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) word_to_normals16_fast(w[i], &out[2 * i], &out[2 * i + 1]);
+}
+
 static const KernelTable table = {
     CDK_ISA_NAME,   k_philox_words, k_uniform,       k_normal,  k_cd_step_fwd,
     k_cd_step_bwd,  k_cd_smooth_fwd, k_cd_smooth_bwd, k_ens_fwd, k_ens_bwd,
-    k_z_moments,    k_z_std_bwd,    k_std_gsum,
+    k_z_moments,    k_z_std_bwd,    k_std_gsum,     k_normals16_of_words,
 };
 
 }  // namespace CDK_ISA_NS
