@@ -182,6 +182,86 @@ def noise_cost(args, device):
     return rows
 
 
+def _updates(model):
+    """The residual-update modules of a cdkernels network (each block's ``step``), in order."""
+    return [mod.step for mod in model.modules()
+            if isinstance(getattr(mod, "step", None), nn.Module)]
+
+
+def noise_floor(args, device):
+    """Each noise mode's step modules timed alone: forward + backward of the residual update at
+    the shapes and dtypes the network's blocks see (warm caches, back-to-back calls), the
+    difference to noise off's update summed over the blocks, over the off network's step time.
+    This is what the noise would cost in a step that did not disturb it; in the real step the
+    convolutions evict the kernels' code and data and the Python around them between calls,
+    so --noise-cost measures more. A floor for it, not a prediction."""
+    variants = [v for v in args.noise_variants.split(",") if v != "off"]
+    rows = []
+    for size in map(int, args.noise_sizes.split(",")):
+        a = argparse.Namespace(**vars(args))
+        a.size = size
+        for model in args.models.split(","):
+            batch, dtype = int(args.batch.split(",")[0]), args.dtype.split(",")[0]
+            amp = None if dtype == "fp32" else dtype
+            torch.manual_seed(0)
+            m = build(model, "off", a, device)
+            x = torch.randn(batch, a.channels, size, size, device=device)
+            y = torch.randint(0, 10, (batch,), device=device)
+            opt = T.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+            crit = nn.CrossEntropyLoss()
+            seen = []  # (x, f) shapes and dtypes of each block's update
+            off_mods = _updates(m)
+            hooks = [u.register_forward_hook(
+                lambda mod, inp, out: seen.append([(t.shape, t.dtype) for t in inp[:2]]))
+                for u in off_mods]
+
+            def step():
+                opt.zero_grad(set_to_none=True)
+                with T._autocast(device, amp, cache=True):
+                    loss = crit(m(x).float(), y)
+                loss.backward()
+                opt.step()
+            step()
+            for h in hooks:
+                h.remove()
+            blocks = list(seen)
+            for _ in range(args.warmup):
+                step()
+            times = []
+            for _ in range(args.repeats):
+                t = time.perf_counter()
+                for _ in range(args.iters):
+                    step()
+                times.append((time.perf_counter() - t) / args.iters)
+            off_step = statistics.median(times)
+
+            def update_time(mod, shapes, n=40):
+                (xs, xd), (fs, fd) = shapes
+                xb = torch.randn(xs, device=device).to(xd).requires_grad_()
+                fb = torch.randn(fs, device=device).to(fd).requires_grad_()
+                g = torch.randn(xs, device=device).to(torch.promote_types(xd, fd))
+                mod.train()
+                ts = []
+                for i in range(n + 5):
+                    t = time.perf_counter()
+                    mod(xb, fb).backward(g)
+                    ts.append(time.perf_counter() - t)
+                return statistics.median(ts[5:])
+            base = [update_time(mod, sh) for mod, sh in zip(off_mods, blocks)]
+            for v in variants:
+                torch.manual_seed(0)
+                mv = build(model, v, a, device)
+                mods = _updates(mv)
+                if len(mods) != len(blocks):
+                    raise RuntimeError(f"{v}: {len(mods)} update modules, {len(blocks)} blocks")
+                extra = sum(update_time(mod, sh) - b for mod, sh, b in zip(mods, blocks, base))
+                rows.append({"mode": "noise-floor", "model": model, "size": size, "batch": batch,
+                             "dtype": dtype, "variant": v, "off_step_ms": off_step * 1e3,
+                             "blocks": len(mods), "extra_ms": extra * 1e3,
+                             "floor_pct": 100 * extra / off_step})
+    return rows
+
+
 def _backend_name(device):
     try:
         from cdkernels.backends import get_backend
@@ -252,6 +332,9 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="write results (.json or .csv)")
     p.add_argument("--noise-cost", action="store_true",
                    help="only the cost of each noise mode vs noise off (issue 9: <= 5 %%)")
+    p.add_argument("--noise-floor", action="store_true",
+                   help="each noise mode's updates timed alone at the blocks' shapes, summed "
+                        "over the blocks, vs the off step: a floor for --noise-cost")
     p.add_argument("--noise-variants", default="off,em,std,em-learn-channel,std-learn-channel")
     p.add_argument("--noise-sizes", default="8,28", help="image sides for --noise-cost")
     args = p.parse_args(argv)
@@ -260,6 +343,19 @@ def main(argv=None):
     # activations in afresh depends on the process's heap layout (cdkernels.steady_heap)
     heap = ("steady" if device.type == "cpu" and steady_heap_wanted() and cdkernels.steady_heap()
             else "glibc defaults" if device.type == "cpu" else "n/a")
+    if args.noise_floor:
+        print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
+              f"load {os.getloadavg()[0]:.2f}, heap {heap}; noise floor: the updates alone "
+              f"(median of 40 forward+backward calls per block) vs the off step", flush=True)
+        rows = noise_floor(args, device)
+        for r in rows:
+            print(f"{r['model']:22} {r['size']:>3}x{r['size']:<3} b{r['batch']} {r['dtype']:>5} "
+                  f"{r['variant']:18} off step {r['off_step_ms']:7.2f} ms, updates "
+                  f"{r['extra_ms']:+6.2f} ms = floor {r['floor_pct']:+5.1f} %", flush=True)
+        if args.out:
+            with open(args.out, "w") as fh:
+                json.dump(rows, fh, indent=1)
+        return 0
     if args.noise_cost:
         print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
               f"load {os.getloadavg()[0]:.2f}, heap {heap}; noise cost vs off (median of "

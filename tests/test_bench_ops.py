@@ -79,3 +79,23 @@ def test_bench_train_noise_cost_and_epochs_smoke(capsys, tmp_path):
     rows = json.loads(res.read_text())
     assert [r["variant"] for r in rows] == ["off", "em"]
     assert all(r["images_per_s"] > 0 and 0.0 <= r["val_acc"] <= 1.0 for r in rows)
+
+
+def test_bench_train_noise_floor_smoke(tmp_path):
+    """bench/bench_train.py --noise-floor: one row per noise variant and size, every block's
+    update timed (the hook saw the network's nine blocks), numbers finite and the off step
+    positive."""
+    spec = importlib.util.spec_from_file_location("bench_train", os.path.join(ROOT, "bench",
+                                                                              "bench_train.py"))
+    bt = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bt)
+    res = tmp_path / "floor.json"
+    assert bt.main(["--noise-floor", "--noise-sizes", "8", "--noise-variants",
+                    "off,em,em-learn-channel", "--repeats", "1", "--iters", "1", "--warmup", "1",
+                    "--batch", "4", "--out", str(res)]) == 0
+    import json
+    import math
+    rows = json.loads(res.read_text())
+    assert [r["variant"] for r in rows] == ["em", "em-learn-channel"]
+    assert all(r["blocks"] == 9 for r in rows)  # CD-PreActResNet-20: 3 stages x 3 blocks
+    assert all(r["off_step_ms"] > 0 and math.isfinite(r["floor_pct"]) for r in rows)

@@ -323,6 +323,34 @@ def test_cpu_regenerates_where_y_cannot_give_eps(cpu_backend):
         assert torch.equal(a2, a) != moved, lo
 
 
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last"])
+def test_cpu_per_channel_zero_coef_regenerates_its_channel(cpu_backend, layout):
+    """Per-channel coef with one channel at 0 (s = 0: eps cannot come from y there). With
+    channels innermost (channels_last) every tile holds that channel, so the whole backward
+    regenerates, bit for bit; contiguous, the tiles holding only other channels still read eps
+    back (their grad_coef moves when y does), and the zero channel's grad_coef is the
+    regenerated one exactly."""
+    x, f = _inputs((4, 3, 16, 16), seed=51, shift=0.5)  # 256-element channels, 512-element tiles
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(52))
+    if layout == "channels_last":
+        x, f, g = (t.contiguous(memory_format=torch.channels_last) for t in (x, f, g))
+    coef = torch.tensor([0.2, 0.0, 0.3])
+    seed = torch.tensor([7])
+    y, stats = _cpu_fwd(x, f, coef, 1.0, seed)
+    back = _cpu_bwd(x, f, y, g, coef, 1.0, seed, stats)
+    regen = _cpu_bwd(x, f, None, g, coef, 1.0, seed, stats)
+    sd = stats[1].item()
+    moved = _cpu_bwd(x, f, y + 0.5 * 0.2 * sd, g, coef, 1.0, seed, stats, need_xf=False)[2]
+    if layout == "channels_last":
+        for u, v in zip(back, regen):
+            assert torch.equal(u, v)
+        assert torch.equal(moved, regen[2])
+    else:
+        assert torch.equal(back[2][1], regen[2][1])
+        assert not torch.equal(moved[0], back[2][0])  # channel 0's tiles read eps back
+        assert torch.isfinite(back[2]).all() and torch.isfinite(back[0]).all()
+
+
 def test_cpu_backward_after_y_changed_in_place_raises(cpu_backend):
     """y is saved for the backward (eps is read back from it): an in-place change of y before
     the backward is refused by autograd, not silently turned into a wrong gradient."""
