@@ -11,7 +11,9 @@ and reports the median step time and images/s over repeats, for
 
 plus the same network with noise off (``noise="none"``: eager / compile / CUDA graph).
 ``--epochs N`` adds an end-to-end mode: ``cdkernels.train`` on real data (digits by default),
-reporting epochs per second.
+reporting epochs per second. ``--noise-cost`` times each noise mode's step against noise off
+(interleaved repeats in one process), ``--noise-floor`` each mode's residual updates alone at
+the blocks' shapes (what the noise costs when nothing else disturbs it).
 
     python bench/bench_train.py                       # CPU default, ~1-2 minutes
     python bench/bench_train.py --device cuda --models cd_preact_resnet20,cd_wrn16_4 \
