@@ -131,56 +131,70 @@ def time_variant(model_name, variant, batch, dtype, args, device):
             "backend": _backend_name(device)}
 
 
+def _noise_configs(args):
+    """(args for one image size, model, batch, dtype) of the --noise-cost/--noise-floor runs:
+    every size of --noise-sizes and model of --models, the first batch and dtype."""
+    for size in map(int, args.noise_sizes.split(",")):
+        a = argparse.Namespace(**vars(args))
+        a.size = size
+        for model in args.models.split(","):
+            yield a, model, int(args.batch.split(",")[0]), args.dtype.split(",")[0]
+
+
+def _training_step(model, variant, a, batch, dtype, device):
+    """(network, step): one SGD step on a fixed random batch of a.size images, in autocast
+    for a 16-bit dtype, as the noise-cost and noise-floor runs time it."""
+    torch.manual_seed(0)
+    m = build(model, variant, a, device)
+    x = torch.randn(batch, a.channels, a.size, a.size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    opt = T.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    crit = nn.CrossEntropyLoss()
+    amp = None if dtype == "fp32" else dtype
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        with T._autocast(device, amp, cache=True):
+            loss = crit(m(x).float(), y)
+        loss.backward()
+        opt.step()
+    return m, step
+
+
 def noise_cost(args, device):
     """Step time of each noise mode against noise off, measured interleaved (every repeat times
     all variants back to back, so load changes hit them alike). Target (issue 9): <= 5 %."""
     variants = args.noise_variants.split(",")
     rows = []
-    for size in map(int, args.noise_sizes.split(",")):
-        a = argparse.Namespace(**vars(args))
-        a.size = size
-        for model in args.models.split(","):
-            batch, dtype = int(args.batch.split(",")[0]), args.dtype.split(",")[0]
-            steps = {}
+    for a, model, batch, dtype in _noise_configs(args):
+        size = a.size
+        steps = {}
+        for v in variants:
+            step = _training_step(model, v, a, batch, dtype, device)[1]
+            for _ in range(args.warmup):
+                step()
+            steps[v] = step
+        times = {v: [] for v in variants}
+        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else \
+            (lambda: None)
+        for _ in range(args.repeats):
             for v in variants:
-                torch.manual_seed(0)
-                m = build(model, v, a, device)
-                x = torch.randn(batch, a.channels, size, size, device=device)
-                y = torch.randint(0, 10, (batch,), device=device)
-                opt = T.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-                crit = nn.CrossEntropyLoss()
-                amp = None if dtype == "fp32" else dtype
-
-                def step(m=m, x=x, y=y, opt=opt, crit=crit, amp=amp):
-                    opt.zero_grad(set_to_none=True)
-                    with T._autocast(device, amp, cache=True):
-                        loss = crit(m(x).float(), y)
-                    loss.backward()
-                    opt.step()
-                for _ in range(args.warmup):
-                    step()
-                steps[v] = step
-            times = {v: [] for v in variants}
-            sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else \
-                (lambda: None)
-            for _ in range(args.repeats):
-                for v in variants:
-                    t = time.perf_counter()
-                    for _ in range(args.iters):
-                        steps[v]()
-                    sync()
-                    times[v].append((time.perf_counter() - t) / args.iters)
-            off = statistics.median(times["off"]) if "off" in times else None
-            for v in variants:
-                med = statistics.median(times[v])
-                # per-repeat ratios give the spread of the cost, not just of the times
-                ratios = [t / o for t, o in zip(times[v], times["off"])] if off else []
-                rows.append({"mode": "noise-cost", "model": model, "size": size,
-                             "batch": batch, "dtype": dtype, "variant": v,
-                             "step_ms": med * 1e3,
-                             "cost_pct": 100 * (med / off - 1) if off else float("nan"),
-                             "cost_pct_lo": 100 * (min(ratios) - 1) if ratios else float("nan"),
-                             "cost_pct_hi": 100 * (max(ratios) - 1) if ratios else float("nan")})
+                t = time.perf_counter()
+                for _ in range(args.iters):
+                    steps[v]()
+                sync()
+                times[v].append((time.perf_counter() - t) / args.iters)
+        off = statistics.median(times["off"]) if "off" in times else None
+        for v in variants:
+            med = statistics.median(times[v])
+            # per-repeat ratios give the spread of the cost, not just of the times
+            ratios = [t / o for t, o in zip(times[v], times["off"])] if off else []
+            rows.append({"mode": "noise-cost", "model": model, "size": size,
+                         "batch": batch, "dtype": dtype, "variant": v,
+                         "step_ms": med * 1e3,
+                         "cost_pct": 100 * (med / off - 1) if off else float("nan"),
+                         "cost_pct_lo": 100 * (min(ratios) - 1) if ratios else float("nan"),
+                         "cost_pct_hi": 100 * (max(ratios) - 1) if ratios else float("nan")})
     return rows
 
 
@@ -199,68 +213,52 @@ def noise_floor(args, device):
     so --noise-cost measures more. A floor for it, not a prediction."""
     variants = [v for v in args.noise_variants.split(",") if v != "off"]
     rows = []
-    for size in map(int, args.noise_sizes.split(",")):
-        a = argparse.Namespace(**vars(args))
-        a.size = size
-        for model in args.models.split(","):
-            batch, dtype = int(args.batch.split(",")[0]), args.dtype.split(",")[0]
-            amp = None if dtype == "fp32" else dtype
-            torch.manual_seed(0)
-            m = build(model, "off", a, device)
-            x = torch.randn(batch, a.channels, size, size, device=device)
-            y = torch.randint(0, 10, (batch,), device=device)
-            opt = T.SGD(m.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
-            crit = nn.CrossEntropyLoss()
-            seen = []  # (x, f) shapes and dtypes of each block's update
-            off_mods = _updates(m)
-            hooks = [u.register_forward_hook(
-                lambda mod, inp, out: seen.append([(t.shape, t.dtype) for t in inp[:2]]))
-                for u in off_mods]
-
-            def step():
-                opt.zero_grad(set_to_none=True)
-                with T._autocast(device, amp, cache=True):
-                    loss = crit(m(x).float(), y)
-                loss.backward()
-                opt.step()
+    for a, model, batch, dtype in _noise_configs(args):
+        size = a.size
+        m, step = _training_step(model, "off", a, batch, dtype, device)
+        seen = []  # (x, f) shapes and dtypes of each block's update
+        off_mods = _updates(m)
+        hooks = [u.register_forward_hook(
+            lambda mod, inp, out: seen.append([(t.shape, t.dtype) for t in inp[:2]]))
+            for u in off_mods]
+        step()
+        for h in hooks:
+            h.remove()
+        blocks = list(seen)
+        for _ in range(args.warmup):
             step()
-            for h in hooks:
-                h.remove()
-            blocks = list(seen)
-            for _ in range(args.warmup):
+        times = []
+        for _ in range(args.repeats):
+            t = time.perf_counter()
+            for _ in range(args.iters):
                 step()
-            times = []
-            for _ in range(args.repeats):
-                t = time.perf_counter()
-                for _ in range(args.iters):
-                    step()
-                times.append((time.perf_counter() - t) / args.iters)
-            off_step = statistics.median(times)
+            times.append((time.perf_counter() - t) / args.iters)
+        off_step = statistics.median(times)
 
-            def update_time(mod, shapes, n=40):
-                (xs, xd), (fs, fd) = shapes
-                xb = torch.randn(xs, device=device).to(xd).requires_grad_()
-                fb = torch.randn(fs, device=device).to(fd).requires_grad_()
-                g = torch.randn(xs, device=device).to(torch.promote_types(xd, fd))
-                mod.train()
-                ts = []
-                for i in range(n + 5):
-                    t = time.perf_counter()
-                    mod(xb, fb).backward(g)
-                    ts.append(time.perf_counter() - t)
-                return statistics.median(ts[5:])
-            base = [update_time(mod, sh) for mod, sh in zip(off_mods, blocks)]
-            for v in variants:
-                torch.manual_seed(0)
-                mv = build(model, v, a, device)
-                mods = _updates(mv)
-                if len(mods) != len(blocks):
-                    raise RuntimeError(f"{v}: {len(mods)} update modules, {len(blocks)} blocks")
-                extra = sum(update_time(mod, sh) - b for mod, sh, b in zip(mods, blocks, base))
-                rows.append({"mode": "noise-floor", "model": model, "size": size, "batch": batch,
-                             "dtype": dtype, "variant": v, "off_step_ms": off_step * 1e3,
-                             "blocks": len(mods), "extra_ms": extra * 1e3,
-                             "floor_pct": 100 * extra / off_step})
+        def update_time(mod, shapes, n=40):
+            (xs, xd), (fs, fd) = shapes
+            xb = torch.randn(xs, device=device).to(xd).requires_grad_()
+            fb = torch.randn(fs, device=device).to(fd).requires_grad_()
+            g = torch.randn(xs, device=device).to(torch.promote_types(xd, fd))
+            mod.train()
+            ts = []
+            for i in range(n + 5):
+                t = time.perf_counter()
+                mod(xb, fb).backward(g)
+                ts.append(time.perf_counter() - t)
+            return statistics.median(ts[5:])
+        base = [update_time(mod, sh) for mod, sh in zip(off_mods, blocks)]
+        for v in variants:
+            torch.manual_seed(0)
+            mv = build(model, v, a, device)
+            mods = _updates(mv)
+            if len(mods) != len(blocks):
+                raise RuntimeError(f"{v}: {len(mods)} update modules, {len(blocks)} blocks")
+            extra = sum(update_time(mod, sh) - b for mod, sh, b in zip(mods, blocks, base))
+            rows.append({"mode": "noise-floor", "model": model, "size": size, "batch": batch,
+                         "dtype": dtype, "variant": v, "off_step_ms": off_step * 1e3,
+                         "blocks": len(mods), "extra_ms": extra * 1e3,
+                         "floor_pct": 100 * extra / off_step})
     return rows
 
 
@@ -345,29 +343,24 @@ def main(argv=None):
     # activations in afresh depends on the process's heap layout (cdkernels.steady_heap)
     heap = ("steady" if device.type == "cpu" and steady_heap_wanted() and cdkernels.steady_heap()
             else "glibc defaults" if device.type == "cpu" else "n/a")
-    if args.noise_floor:
+    if args.noise_floor or args.noise_cost:
+        what = ("noise floor: the updates alone (median of 40 forward+backward calls per block) "
+                "vs the off step" if args.noise_floor else
+                f"noise cost vs off (median of {args.repeats} interleaved repeats x "
+                f"{args.iters} steps)")
         print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-              f"load {os.getloadavg()[0]:.2f}, heap {heap}; noise floor: the updates alone "
-              f"(median of 40 forward+backward calls per block) vs the off step", flush=True)
-        rows = noise_floor(args, device)
+              f"load {os.getloadavg()[0]:.2f}, heap {heap}; {what}", flush=True)
+        rows = noise_floor(args, device) if args.noise_floor else noise_cost(args, device)
         for r in rows:
-            print(f"{r['model']:22} {r['size']:>3}x{r['size']:<3} b{r['batch']} {r['dtype']:>5} "
-                  f"{r['variant']:18} off step {r['off_step_ms']:7.2f} ms, updates "
-                  f"{r['extra_ms']:+6.2f} ms = floor {r['floor_pct']:+5.1f} %", flush=True)
-        if args.out:
-            with open(args.out, "w") as fh:
-                json.dump(rows, fh, indent=1)
-        return 0
-    if args.noise_cost:
-        print(f"device {device}, torch {torch.__version__}, threads {torch.get_num_threads()}, "
-              f"load {os.getloadavg()[0]:.2f}, heap {heap}; noise cost vs off (median of "
-              f"{args.repeats} interleaved repeats x {args.iters} steps)", flush=True)
-        rows = noise_cost(args, device)
-        for r in rows:
+            label = (f"{r['model']:22} {r['size']:>3}x{r['size']:<3} b{r['batch']} "
+                     f"{r['dtype']:>5} {r['variant']:18}")
+            if args.noise_floor:
+                print(f"{label} off step {r['off_step_ms']:7.2f} ms, updates "
+                      f"{r['extra_ms']:+6.2f} ms = floor {r['floor_pct']:+5.1f} %", flush=True)
+                continue
             status = "" if r["variant"] == "off" else (
                 "met" if r["cost_pct"] <= 5.0 else "NOT met")
-            print(f"{r['model']:22} {r['size']:>3}x{r['size']:<3} b{r['batch']} {r['dtype']:>5} "
-                  f"{r['variant']:18} {r['step_ms']:8.2f} ms  cost {r['cost_pct']:+6.1f} % "
+            print(f"{label} {r['step_ms']:8.2f} ms  cost {r['cost_pct']:+6.1f} % "
                   f"(per repeat {r['cost_pct_lo']:+.1f}..{r['cost_pct_hi']:+.1f})  {status}",
                   flush=True)
         if args.out:

@@ -257,95 +257,90 @@ static inline __attribute__((always_inline)) float smooth_fma(float a, float b, 
 #endif
 }
 
-static inline __attribute__((always_inline)) void box_muller_fast(uint32_t wa, uint32_t wb,
-                                                                  float* out_cos,
-                                                                  float* out_sin) {
-  // U(w) 2^24 = 2 (w >> 9) + 1 = (w >> 8) | 1, an odd integer below 2^24 (exact in float32)
-  const uint32_t na = (wa >> 8) | 1u;
-  // -ln U, split as in cdk::log_unit (mantissa shifted into [sqrt(1/2), sqrt(2))), read off
-  // the float of U 2^24: the same mantissa, the exponent 24 higher. The exponent bias (127) and
-  // the 24 come off in the same add, so e is one arithmetic shift of it (e in [-24, 0]).
-  const int32_t adj = (int32_t)(cdk::float_to_bits((float)(int32_t)na) +
-                                (0x3f800000u - 0x3f3504f3u - ((127u + 24u) << 23)));
+// a*b + c in the fast normals: TRUE_FMA, one rounding at every level (the C library's fmaf in
+// the baseline clone, as CDK_FMA: the 16-bit stream, whose clones must agree bit for bit); else
+// smooth_fma (cd_smooth, where the baseline clone may round twice)
+template <bool TRUE_FMA>
+static inline __attribute__((always_inline)) float fast_fma(float a, float b, float c) {
+  return TRUE_FMA ? CDK_FMA(a, b, c) : smooth_fma(a, b, c);
+}
+
+// -2 ln U of the uniform U = n 2^-BITS (n odd, below 2^BITS, so exact in float32), without a
+// division: ln U split as in cdk::log_unit (mantissa shifted into [sqrt(1/2), sqrt(2))), read
+// off the float of n: the same mantissa, the exponent BITS higher. The exponent bias (127) and
+// BITS come off in the same add, so e is one arithmetic shift of it (e in [-BITS, 0]). P is
+// scaled by -2 (exact: a power of two), so t comes out of the last fma directly, the same float
+// as -2 (e ln2 + f P(f)).
+template <bool TRUE_FMA, unsigned BITS>
+static inline __attribute__((always_inline)) float neg2_log_fast(uint32_t n) {
+  const int32_t adj = (int32_t)(cdk::float_to_bits((float)(int32_t)n) +
+                                (0x3f800000u - 0x3f3504f3u - ((127u + BITS) << 23)));
   const float e = (float)(adj >> 23);
   const float f = cdk::bits_to_float(((uint32_t)adj & 0x007fffffu) + 0x3f3504f3u) - 1.0f;  // exact
-  // P scaled by -2 (exact: a power of two), so t = -2 ln U comes out of the fma directly, the
-  // same float as -2 * (e ln2 + f P(f))
   float p = -0.24420224130153656f;
-  p = smooth_fma(p, f, 0.37563055753707886f);
-  p = smooth_fma(p, f, -0.4090922474861145f);
-  p = smooth_fma(p, f, 0.49793824553489685f);
-  p = smooth_fma(p, f, -0.6663208603858948f);
-  p = smooth_fma(p, f, 1.0000278949737549f);
-  p = smooth_fma(p, f, -2.0000016689300537f);
-  const float t = smooth_fma(e, -1.3862943649291992f, f * p);  // -2 ln U in (0, 33.3]
-  const float r = __builtin_sqrtf(t);
-  // The angle reduced by half turns, in integers: with g = wb >> 9 (so U 2^24 = 2g + 1),
-  // q = round(2U) = (g + 2^21) >> 22 and (U - q/2) 2^24 = 2d + 1 with d = g - q 2^22, exact; so
-  // x = 2 pi (U - q/2) = fma(d, 2k, k), k = 2 pi 2^-24, one rounding of the exact product (the
-  // same float as k (2d + 1)). x is in [-pi/2, pi/2], and (cos, sin)(2 pi U) =
-  // (-1)^q (cos, sin)(x): the sign goes on r (bit 22 of g + 2^21 is q's parity). Minimax
-  // polynomials on [-pi/2, pi/2] (x^9 for sin, x^8 for cos): |error| <= 2.3e-7 over all 2^23
-  // angles, evaluated in float32. Unlike the quarter-turn rotation of the accurate angle there
-  // is no swap or per-output sign.
-  const uint32_t gb = wb >> 9, v = gb + (1u << 21);
-  constexpr float k = 6.28318530717958647692f * 5.9604644775390625e-08f;
-  const float x = smooth_fma((float)(int32_t)(gb - (v & 0xffc00000u)), 2.0f * k, k);
+  p = fast_fma<TRUE_FMA>(p, f, 0.37563055753707886f);
+  p = fast_fma<TRUE_FMA>(p, f, -0.4090922474861145f);
+  p = fast_fma<TRUE_FMA>(p, f, 0.49793824553489685f);
+  p = fast_fma<TRUE_FMA>(p, f, -0.6663208603858948f);
+  p = fast_fma<TRUE_FMA>(p, f, 1.0000278949737549f);
+  p = fast_fma<TRUE_FMA>(p, f, -2.0000016689300537f);
+  return fast_fma<TRUE_FMA>(e, -1.3862943649291992f, f * p);
+}
+
+// (rs cos x, rs sin x) for x in [-pi/2, pi/2]: minimax polynomials (x^9 for sin, x^8 for cos),
+// |error| <= 2.3e-7 over all 2^23 angles of the float32 stream, evaluated in float32.
+template <bool TRUE_FMA>
+static inline __attribute__((always_inline)) void rotate_fast(float x, float rs, float* out_cos,
+                                                              float* out_sin) {
   const float z = x * x;
-  float ps = smooth_fma(z, 2.590494432297419e-06f, -0.00019800900190602988f);
-  ps = smooth_fma(ps, z, 0.008332899771630764f);
-  ps = smooth_fma(ps, z, -0.16666647791862488f);
-  ps = smooth_fma(ps, z, 1.0f);
-  float pc = smooth_fma(z, 2.315400524821598e-05f, -0.00138537073507905f);
-  pc = smooth_fma(pc, z, 0.04166358336806297f);
-  pc = smooth_fma(pc, z, -0.4999990463256836f);
-  pc = smooth_fma(pc, z, 0.9999999403953552f);
-  const float rs = cdk::bits_to_float(cdk::float_to_bits(r) ^ ((v << 9) & 0x80000000u));
+  float ps = fast_fma<TRUE_FMA>(z, 2.590494432297419e-06f, -0.00019800900190602988f);
+  ps = fast_fma<TRUE_FMA>(ps, z, 0.008332899771630764f);
+  ps = fast_fma<TRUE_FMA>(ps, z, -0.16666647791862488f);
+  ps = fast_fma<TRUE_FMA>(ps, z, 1.0f);
+  float pc = fast_fma<TRUE_FMA>(z, 2.315400524821598e-05f, -0.00138537073507905f);
+  pc = fast_fma<TRUE_FMA>(pc, z, 0.04166358336806297f);
+  pc = fast_fma<TRUE_FMA>(pc, z, -0.4999990463256836f);
+  pc = fast_fma<TRUE_FMA>(pc, z, 0.9999999403953552f);
   *out_cos = rs * pc;
   *out_sin = rs * (x * ps);
 }
 
+static inline __attribute__((always_inline)) void box_muller_fast(uint32_t wa, uint32_t wb,
+                                                                  float* out_cos,
+                                                                  float* out_sin) {
+  // U(w) 2^24 = 2 (w >> 9) + 1 = (w >> 8) | 1, an odd integer below 2^24
+  const float r = __builtin_sqrtf(neg2_log_fast<false, 24>((wa >> 8) | 1u));  // t in (0, 33.3]
+  // The angle reduced by half turns, in integers: with g = wb >> 9 (so U 2^24 = 2g + 1),
+  // q = round(2U) = (g + 2^21) >> 22 and (U - q/2) 2^24 = 2d + 1 with d = g - q 2^22, exact; so
+  // x = 2 pi (U - q/2) = fma(d, 2k, k), k = 2 pi 2^-24, one rounding of the exact product (the
+  // same float as k (2d + 1)). x is in [-pi/2, pi/2], and (cos, sin)(2 pi U) =
+  // (-1)^q (cos, sin)(x): the sign goes on r (bit 22 of g + 2^21 is q's parity). Unlike the
+  // quarter-turn rotation of the accurate angle there is no swap or per-output sign.
+  const uint32_t gb = wb >> 9, v = gb + (1u << 21);
+  constexpr float k = 6.28318530717958647692f * 5.9604644775390625e-08f;
+  const float x = smooth_fma((float)(int32_t)(gb - (v & 0xffc00000u)), 2.0f * k, k);
+  const float rs = cdk::bits_to_float(cdk::float_to_bits(r) ^ ((v << 9) & 0x80000000u));
+  rotate_fast<false>(x, rs, out_cos, out_sin);
+}
+
 // The 16-bit stream's pair of one word (docs/noise.md 3b) with the same fast transcendentals:
 // the spec lets native backends approximate there (|error| <= 2^-14 + 2^-16 |eps| before the
-// 16-bit rounding; the GPU builds use the hardware's), and 1.2e-6 r is 50x inside it. Every
-// multiply-add is a true FMA at every SIMD level (the C library's fmaf in the baseline clone,
-// as CDK_FMA), so all clones compute the same bits: forward and backward agree whichever clone
-// runs them. The uniforms are box_muller_fast's with 17 bits instead of 24:
-//   radius: U16(hr) 2^17 = 2 hr + 1 (odd, < 2^17, exact in float32): the exponent offset is 17;
+// 16-bit rounding; the GPU builds use the hardware's), and 1.2e-6 r is 50x inside it (measured
+// 7.3e-7 r over every radius half and angle half). Every multiply-add is a true FMA, so all
+// clones compute the same bits: forward and backward agree whichever clone runs them. The
+// uniforms are box_muller_fast's with 17 bits instead of 24:
+//   radius: U16(hr) 2^17 = 2 hr + 1 (odd, below 2^17);
 //   angle:  g = ha, q = round(2 U) = (g + 2^14) >> 15, (U - q/2) 2^17 = 2d + 1 with
 //           d = g - q 2^15, x = fma(d, 2k, k), k = 2 pi 2^-17; q's parity is bit 15 of g + 2^14.
 static inline __attribute__((always_inline)) void word_to_normals16_fast(uint32_t w,
                                                                          float* out_cos,
                                                                          float* out_sin) {
-  const uint32_t na = ((w << 1) & 0x1fffeu) | 1u;
-  const int32_t adj = (int32_t)(cdk::float_to_bits((float)(int32_t)na) +
-                                (0x3f800000u - 0x3f3504f3u - ((127u + 17u) << 23)));
-  const float e = (float)(adj >> 23);
-  const float f = cdk::bits_to_float(((uint32_t)adj & 0x007fffffu) + 0x3f3504f3u) - 1.0f;
-  float p = -0.24420224130153656f;
-  p = CDK_FMA(p, f, 0.37563055753707886f);
-  p = CDK_FMA(p, f, -0.4090922474861145f);
-  p = CDK_FMA(p, f, 0.49793824553489685f);
-  p = CDK_FMA(p, f, -0.6663208603858948f);
-  p = CDK_FMA(p, f, 1.0000278949737549f);
-  p = CDK_FMA(p, f, -2.0000016689300537f);
-  const float t = CDK_FMA(e, -1.3862943649291992f, f * p);  // -2 ln U in (0, 23.6]
-  const float r = __builtin_sqrtf(t);
+  const float r = __builtin_sqrtf(neg2_log_fast<true, 17>(((w << 1) & 0x1fffeu) | 1u));
   const uint32_t g = w >> 16, v = g + (1u << 14);
   constexpr float k = 6.28318530717958647692f * 7.62939453125e-06f;  // 2 pi 2^-17
   const float x = CDK_FMA((float)(int32_t)(g - (v & 0xffff8000u)), 2.0f * k, k);
-  const float z = x * x;
-  float ps = CDK_FMA(z, 2.590494432297419e-06f, -0.00019800900190602988f);
-  ps = CDK_FMA(ps, z, 0.008332899771630764f);
-  ps = CDK_FMA(ps, z, -0.16666647791862488f);
-  ps = CDK_FMA(ps, z, 1.0f);
-  float pc = CDK_FMA(z, 2.315400524821598e-05f, -0.00138537073507905f);
-  pc = CDK_FMA(pc, z, 0.04166358336806297f);
-  pc = CDK_FMA(pc, z, -0.4999990463256836f);
-  pc = CDK_FMA(pc, z, 0.9999999403953552f);
   const float rs = cdk::bits_to_float(cdk::float_to_bits(r) ^ ((v << 16) & 0x80000000u));
-  *out_cos = rs * pc;
-  *out_sin = rs * (x * ps);
+  rotate_fast<true>(x, rs, out_cos, out_sin);
 }
 
 // As normals_run, with box_muller_fast, but written lane-major: out[j * PHILOX_SOA + i] is lane
