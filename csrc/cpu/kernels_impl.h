@@ -479,24 +479,45 @@ static void k_normal(void* out, int dtype, int64_t begin, int64_t end, uint64_t 
 // -- per-channel helpers ----------------------------------------------------------------------
 // Sigma of the elements p0 .. p0+len-1. Returns true (and *sc) when it is one value for the
 // whole tile, else fills sig[0..len).
+// fn(c, i, run) for each run of channel-c elements in p0 .. p0+len-1 (dense data of C channels
+// of chan_stride elements each), i its offset in the range, in order.
+template <class Fn>
+static inline void for_channel_runs(int64_t C, int64_t cs, int64_t p0, int len, Fn&& fn) {
+  int64_t c = (p0 / cs) % C;
+  int64_t r = p0 % cs;
+  for (int i = 0; i < len;) {
+    const int64_t left = cs - r;
+    const int run = (int)(left < len - i ? left : len - i);
+    fn(c, i, run);
+    i += run;
+    r = 0;
+    if (++c == C) c = 0;
+  }
+}
+
+// The channel of element p0 when p0 .. p0+len-1 all lie in it, else -1.
+static inline int64_t tile_channel(int64_t C, int64_t cs, int64_t p0, int len) {
+  return cs - p0 % cs >= len ? (p0 / cs) % C : -1;
+}
+
+// Per-channel values table[c] of the elements p0 .. p0+len-1: true (and *v) when one channel
+// holds them all, else fills out[0..len).
+static inline bool tile_values(const float* __restrict table, int64_t C, int64_t cs, int64_t p0,
+                               int len, float* __restrict out, float* v) {
+  const int64_t c = tile_channel(C, cs, p0, len);
+  if (c >= 0) { *v = table[c]; return true; }
+  for_channel_runs(C, cs, p0, len, [&](int64_t ch, int i, int run) {
+    const float w = table[ch];
+    for (int j = 0; j < run; ++j) out[i + j] = w;
+  });
+  return false;
+}
+
 static inline bool tile_sigma(const PointArgs& a, int64_t p0, int len, float* __restrict sig,
                               float* sc) {
   if (a.sigma == nullptr) { *sc = a.sigma_value; return true; }
   if (a.C == 1) { *sc = a.sigma[0]; return true; }
-  int64_t c = (p0 / a.chan_stride) % a.C;
-  int64_t r = p0 % a.chan_stride;
-  if (a.chan_stride - r >= len) { *sc = a.sigma[c]; return true; }
-  int i = 0;
-  while (i < len) {
-    const int64_t left = a.chan_stride - r;
-    const int run = (int)(left < len - i ? left : len - i);
-    const float v = a.sigma[c];
-    for (int j = 0; j < run; ++j) sig[i + j] = v;
-    i += run;
-    r = 0;
-    if (++c == a.C) c = 0;
-  }
-  return false;
+  return tile_values(a.sigma, a.C, a.chan_stride, p0, len, sig, sc);
 }
 
 static inline double sum_d(const float* __restrict v, int n) {
@@ -513,24 +534,16 @@ static inline double sum_d(const float* __restrict v, int n) {
 static inline void accum_channels(double* acc, const float* prod, int64_t p0, int len,
                                   int64_t C, int64_t cs) {
   if (C == 1) { acc[0] += sum_d(prod, len); return; }
-  int64_t c = (p0 / cs) % C;
-  int64_t r = p0 % cs;
-  int i = 0;
   if (cs == 1) {
-    for (; i < len; ++i) {
+    int64_t c = p0 % C;
+    for (int i = 0; i < len; ++i) {
       acc[c] += (double)prod[i];
       if (++c == C) c = 0;
     }
     return;
   }
-  while (i < len) {
-    const int64_t left = cs - r;
-    const int run = (int)(left < len - i ? left : len - i);
-    acc[c] += sum_d(prod + i, run);
-    i += run;
-    r = 0;
-    if (++c == C) c = 0;
-  }
+  for_channel_runs(C, cs, p0, len,
+                   [&](int64_t ch, int at, int run) { acc[ch] += sum_d(prod + at, run); });
 }
 
 // -- cd_step ----------------------------------------------------------------------------------
@@ -1382,28 +1395,27 @@ static void std_gsum_f32(const PointArgs& a, int64_t begin, int64_t end, double*
       // every s finite and > 0 (else regenerate), then max |y|/s below y_guard
       float sv = 0.0f, q;
       bool ok = true;
-      if (!rs_c.empty() && a.chan_stride == 1) {
-        ok = all_ok;
-        q = eps_back_tile<false>(prod, g + p0, y + p0, x + p0, f + p0,
-                                 rs_c.data() + p0 % a.C, 0.0f, dt, len);
-      } else if (tile_sigma(a, p0, len, rs, &sv)) {
+      if (rs_c.empty()) {  // one sigma for the whole tensor (tile_sigma: always uniform)
+        tile_sigma(a, p0, len, rs, &sv);
         const float s1 = sv * sqdt;
         ok = s1 > 0.0f && s1 < __builtin_inff();
         q = eps_back_tile<true>(prod, g + p0, y + p0, x + p0, f + p0, rs, 1.0f / s1, dt, len);
+      } else if (a.chan_stride == 1) {
+        ok = all_ok;
+        q = eps_back_tile<false>(prod, g + p0, y + p0, x + p0, f + p0,
+                                 rs_c.data() + p0 % a.C, 0.0f, dt, len);
+      } else if (const int64_t c0 = tile_channel(a.C, a.chan_stride, p0, len); c0 >= 0) {
+        ok = ok_c[(size_t)c0] != 0;
+        q = eps_back_tile<true>(prod, g + p0, y + p0, x + p0, f + p0, rs, rs_c[(size_t)c0], dt,
+                                len);
       } else {
         // the tile crosses channel boundaries: rs per element from the per-channel table (a
         // division per element measured 50 % slower for the whole backward at 28x28)
-        int64_t c = (p0 / a.chan_stride) % a.C, r = p0 % a.chan_stride;
-        for (int i = 0; i < len;) {
-          const int64_t left = a.chan_stride - r;
-          const int run = (int)(left < len - i ? left : len - i);
+        for_channel_runs(a.C, a.chan_stride, p0, len, [&](int64_t c, int i, int run) {
           const float v = rs_c[(size_t)c];
           for (int j = 0; j < run; ++j) rs[i + j] = v;
           ok &= ok_c[(size_t)c] != 0;
-          i += run;
-          r = 0;
-          if (++c == a.C) c = 0;
-        }
+        });
         q = eps_back_tile<false>(prod, g + p0, y + p0, x + p0, f + p0, rs, 0.0f, dt, len);
       }
       back = ok && q < a.y_guard;
