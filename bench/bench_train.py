@@ -79,6 +79,24 @@ def build(model: str, variant: str, args, device):
     return m.to(device=device, memory_format=mf)
 
 
+def _sync_fn(device):
+    """What waits for the device's queued work before a clock is read (nothing on the CPU)."""
+    return (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+
+
+def _median_step(step, args, sync):
+    """Median over args.repeats of the mean time of args.iters back-to-back steps (seconds);
+    the device is idle on entry."""
+    times = []
+    for _ in range(args.repeats):
+        t = time.perf_counter()
+        for _ in range(args.iters):
+            step()
+        sync()
+        times.append((time.perf_counter() - t) / args.iters)
+    return statistics.median(times)
+
+
 def time_variant(model_name, variant, batch, dtype, args, device):
     torch.manual_seed(0)
     m = build(model_name, variant, args, device)
@@ -98,7 +116,7 @@ def time_variant(model_name, variant, batch, dtype, args, device):
         loss.backward()
         opt.step()
 
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    sync = _sync_fn(device)
     t0 = time.perf_counter()
     if graphed:
         side = torch.cuda.Stream(device)
@@ -117,14 +135,7 @@ def time_variant(model_name, variant, batch, dtype, args, device):
         step()
     sync()
     setup = time.perf_counter() - t0
-    times = []
-    for _ in range(args.repeats):
-        t = time.perf_counter()
-        for _ in range(args.iters):
-            step()
-        sync()
-        times.append((time.perf_counter() - t) / args.iters)
-    med = statistics.median(times)
+    med = _median_step(step, args, sync)
     return {"model": model_name, "variant": variant, "batch": batch, "dtype": dtype,
             "size": args.size, "device": str(device), "step_ms": med * 1e3,
             "images_per_s": batch / med, "setup_s": setup,
@@ -175,8 +186,7 @@ def noise_cost(args, device):
                 step()
             steps[v] = step
         times = {v: [] for v in variants}
-        sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else \
-            (lambda: None)
+        sync = _sync_fn(device)
         for _ in range(args.repeats):
             for v in variants:
                 t = time.perf_counter()
@@ -225,15 +235,11 @@ def noise_floor(args, device):
         for h in hooks:
             h.remove()
         blocks = list(seen)
+        sync = _sync_fn(device)
         for _ in range(args.warmup):
             step()
-        times = []
-        for _ in range(args.repeats):
-            t = time.perf_counter()
-            for _ in range(args.iters):
-                step()
-            times.append((time.perf_counter() - t) / args.iters)
-        off_step = statistics.median(times)
+        sync()
+        off_step = _median_step(step, args, sync)
 
         def update_time(mod, shapes, n=40):
             (xs, xd), (fs, fd) = shapes
@@ -242,9 +248,11 @@ def noise_floor(args, device):
             g = torch.randn(xs, device=device).to(torch.promote_types(xd, fd))
             mod.train()
             ts = []
-            for i in range(n + 5):
+            for _ in range(n + 5):
+                sync()
                 t = time.perf_counter()
                 mod(xb, fb).backward(g)
+                sync()
                 ts.append(time.perf_counter() - t)
             return statistics.median(ts[5:])
         base = [update_time(mod, sh) for mod, sh in zip(off_mods, blocks)]
